@@ -1,0 +1,30 @@
+"""diffprior: pretrained diffusion models as NumPyro priors, sampled by guided diffusion and
+twisted sequential Monte Carlo."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from diffprior import diagnostics, diffusion, kernels, problems, schedules
+from diffprior.diffusion import Denoiser
+from diffprior.infer import DPS, TDS, Sampler, Unguided
+from diffprior.priors import DiffusionPrior, GaussianMixture
+
+try:
+    __version__ = version("diffprior")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "__version__",
+    "diagnostics",
+    "diffusion",
+    "kernels",
+    "problems",
+    "schedules",
+    "Sampler",
+    "Unguided",
+    "DPS",
+    "TDS",
+    "Denoiser",
+    "DiffusionPrior",
+    "GaussianMixture",
+]

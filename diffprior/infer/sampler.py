@@ -1,0 +1,288 @@
+"""The sampler driver: model -> kernel -> one compiled ``lax.scan`` over diffusion steps.
+
+Chains run side by side (``vmap`` inside each step, or ``lax.map`` for ``"sequential"``, or
+sharded over devices for ``"parallel"``); the progress bar is fed from inside the scan by a host
+callback that is compiled in only when ``progress_bar=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+from tqdm.auto import tqdm
+
+from diffprior.diffusion.grids import timesteps as make_timesteps
+from diffprior.diffusion.sampling import sample_initial
+from diffprior.infer.methods import Method
+from diffprior.model import read_model
+from diffprior.types import PRNGKey
+
+__all__ = ["Sampler", "CHAIN_METHODS"]
+
+CHAIN_METHODS = ("vectorized", "sequential", "parallel")
+
+
+class _Progress:
+    """A tqdm bar that a compiled scan updates through a host callback.
+
+    The callback closes over this object, not over one bar, so a cached compiled run shows a
+    fresh bar each time :meth:`Sampler.run` opens one.
+    """
+
+    def __init__(self):
+        self.bar = None
+
+    def open(self, total: int, description: str):
+        self.bar = tqdm(total=total, desc=description, leave=True)
+
+    def update(self, step):
+        if self.bar is not None:
+            self.bar.n = int(step)
+            self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Sampler:
+    """Sample the posterior of a NumPyro model with a diffusion prior.
+
+    Parameters
+    ----------
+    method
+        A method bound to the model, e.g. ``dp.TDS(model)``, ``dp.DPS(model, scale=0.5)``.
+    num_particles
+        Particles per chain.
+    num_steps
+        Diffusion steps (the grid comes from the prior's schedule and the method's spacing).
+    num_chains
+        Independent chains (each an independent particle system).
+    chain_method
+        ``"vectorized"`` (vmap), ``"sequential"`` (one chain after another inside the compiled
+        step, less memory) or ``"parallel"`` (chains sharded over the available devices).
+    progress_bar
+        Show a tqdm bar updated from inside the compiled scan.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> import diffprior as dp
+    >>> prior = dp.GaussianMixture(jnp.array([[-2.0, 0.0], [2.0, 0.0]]), jnp.array([0.5, 0.5]))
+    >>> def model(y=None):
+    ...     x = numpyro.sample("x", prior)
+    ...     numpyro.sample("y", dist.Normal(x[0], 0.5), obs=y)
+    >>> sampler = dp.Sampler(dp.TDS(model), num_particles=64, num_steps=20, progress_bar=False)
+    >>> sampler.run(jax.random.key(0), y=1.5)
+    >>> sampler.get_samples()["x"].shape
+    (64, 2)
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        num_particles: int,
+        num_steps: int,
+        num_chains: int = 1,
+        chain_method: str = "vectorized",
+        progress_bar: bool = True,
+    ):
+        if not isinstance(method, Method):
+            raise TypeError(
+                "method must be a diffprior method bound to a model, e.g. dp.TDS(model); "
+                f"got {type(method).__name__}"
+            )
+        for name, value in (
+            ("num_particles", num_particles),
+            ("num_steps", num_steps),
+            ("num_chains", num_chains),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if chain_method not in CHAIN_METHODS:
+            raise ValueError(f"chain_method must be one of {CHAIN_METHODS}, got {chain_method!r}")
+        self.method = method
+        self.num_particles = int(num_particles)
+        self.num_steps = int(num_steps)
+        self.num_chains = int(num_chains)
+        self.chain_method = chain_method
+        self.progress_bar = bool(progress_bar)
+        self._progress = _Progress()
+        self._num_compilations = 0
+        self._compiled = eqx.filter_jit(self._run_impl)
+        self._result: dict[str, Any] | None = None
+        self._obs = None
+        self.seconds: float | None = None
+
+    # -- the compiled run ---------------------------------------------------------------------
+    def _run_impl(self, rng_key, prior, dynamic_args, static_args):
+        self._num_compilations += 1  # Python side effect: runs once per trace
+        args, kwargs = eqx.combine(dynamic_args, static_args)
+        obs = read_model(self.method.model, args, kwargs)
+        method = self.method
+        times = make_timesteps(prior.schedule, self.num_steps, method.spacing)
+        algorithm = method.build(prior, obs, times)
+        num_chains, num_particles = self.num_chains, self.num_particles
+
+        init_key, run_key, final_key = jax.random.split(rng_key, 3)
+        x_init = sample_initial(
+            init_key, prior.schedule, (num_chains, num_particles, *prior.event_shape)
+        )
+        if self.chain_method == "parallel":
+            x_init = _shard_chains(x_init)
+        states = jax.vmap(algorithm.init)(x_init)
+
+        if self.chain_method == "sequential":
+
+            def step_chains(keys, states):
+                return jax.lax.map(lambda ks: algorithm.step(*ks), (keys, states))
+        else:
+            step_chains = jax.vmap(algorithm.step)
+
+        progress = self._progress if self.progress_bar else None
+        every = max(1, self.num_steps // 50)
+
+        def body(states, inputs):
+            index, key = inputs
+            states, info = step_chains(jax.random.split(key, num_chains), states)
+            if progress is not None:
+                jax.lax.cond(
+                    ((index + 1) % every == 0) | (index + 1 == self.num_steps),
+                    lambda: jax.debug.callback(progress.update, index + 1, ordered=True),
+                    lambda: None,
+                )
+            return states, _step_summary(info)
+
+        step_keys = jax.random.split(run_key, self.num_steps)
+        states, per_step = jax.lax.scan(body, states, (jnp.arange(self.num_steps), step_keys))
+
+        particles = states.particles
+        if method.is_smc:
+            log_weights = states.log_weights
+            log_evidence = states.log_evidence
+        else:
+            log_weights = jnp.full((num_chains, num_particles), -math.log(num_particles))
+            log_evidence = jnp.full((num_chains,), jnp.nan)
+        # equal-weight draws: one final resampling per chain
+        resample_fn = method.resampling_fn()
+
+        def final_resample(key, x, log_w):
+            weights = jnp.exp(log_w - logsumexp(log_w))
+            idx = resample_fn(key, weights, num_particles)
+            return x[idx]
+
+        if method.is_smc:
+            samples = jax.vmap(final_resample)(
+                jax.random.split(final_key, num_chains), particles, log_weights
+            )
+        else:
+            samples = particles
+        pointwise = jax.vmap(jax.vmap(obs.pointwise_log_likelihood))(samples)
+        return {
+            "samples": samples,
+            "particles": particles,
+            "log_weights": log_weights,
+            "log_evidence": log_evidence,
+            "per_step": per_step,
+            "pointwise_log_likelihood": pointwise,
+        }
+
+    # -- public API ---------------------------------------------------------------------------
+    def run(self, rng_key: PRNGKey, *args: Any, **kwargs: Any) -> None:
+        """Run the sampler; ``args``/``kwargs`` are the model's, as in NumPyro's ``MCMC.run``.
+
+        The model is read and checked first (clear errors before any sampling). A second call
+        with arrays of the same shapes reuses the compiled program.
+        """
+        rng_key = _as_key(rng_key)
+        obs = read_model(self.method.model, args, kwargs)
+        self._obs = obs
+        dynamic, static = eqx.partition((args, kwargs), eqx.is_array)
+        if self.progress_bar:
+            self._progress.open(self.num_steps, f"{self.method.name} ({self.num_chains} chains)")
+        start = time.perf_counter()
+        try:
+            result = self._compiled(rng_key, obs.prior, dynamic, static)
+            result = jax.block_until_ready(result)
+        finally:
+            self._progress.close()
+        self.seconds = time.perf_counter() - start
+        self._result = result
+        degenerate = result["per_step"].get("degenerate")
+        if degenerate is not None and bool(jnp.any(degenerate)):
+            steps = np.flatnonzero(np.asarray(jnp.any(degenerate, axis=0)))
+            warnings.warn(
+                f"{self.method.name}: every particle had zero weight at step(s) "
+                f"{steps.tolist()[:10]}; the log-evidence is -inf and the samples are not "
+                "reliable (check the likelihood, or use more particles or steps)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _require_result(self) -> dict[str, Any]:
+        if self._result is None:
+            raise RuntimeError("call run(rng_key, *model_args) before reading results")
+        return self._result
+
+    def get_samples(self, group_by_chain: bool = False) -> dict[str, jax.Array]:
+        """Equal-weight posterior draws ``{site: (num_chains * num_particles, *event)}``, or
+        ``(num_chains, num_particles, *event)`` with ``group_by_chain=True``."""
+        result = self._require_result()
+        samples = result["samples"]
+        if not group_by_chain:
+            samples = samples.reshape((-1, *samples.shape[2:]))
+        return {self._obs.prior_site: samples}
+
+    @property
+    def log_evidence(self) -> jax.Array | None:
+        """``(num_chains,)`` estimates of :math:`\\log p(y)`; ``None`` for methods without one."""
+        result = self._require_result()
+        return result["log_evidence"] if self.method.is_smc else None
+
+    @property
+    def num_compilations(self) -> int:
+        """How many times the run was traced and compiled (1 after repeated same-shape runs)."""
+        return self._num_compilations
+
+    def to_arviz(self):
+        """The run as an ArviZ ``xarray.DataTree`` (see :func:`diffprior.diagnostics.to_datatree`)."""
+        from diffprior.diagnostics import to_datatree
+
+        return to_datatree(self, self._require_result(), self._obs)
+
+
+def _step_summary(info) -> dict[str, jax.Array]:
+    """Per-step, per-chain scalars kept from a kernel's Info (never per-particle arrays)."""
+    fields = ("ess", "resampled", "log_evidence_increment", "degenerate")
+    return {name: getattr(info, name) for name in fields if hasattr(info, name)}
+
+
+def _shard_chains(x):
+    devices = jax.devices()
+    num_chains = x.shape[0]
+    count = math.gcd(num_chains, len(devices))
+    if count <= 1:
+        return x
+    mesh = jax.sharding.Mesh(np.array(devices[:count]), ("chain",))
+    spec = jax.sharding.PartitionSpec("chain")
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+def _as_key(rng_key):
+    if isinstance(rng_key, int):
+        return jax.random.key(rng_key)
+    rng_key = jnp.asarray(rng_key) if not isinstance(rng_key, jax.Array) else rng_key
+    if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
+        return rng_key
+    if rng_key.shape == (2,) and rng_key.dtype == jnp.uint32:
+        return jax.random.wrap_key_data(rng_key)
+    raise TypeError(f"rng_key must be a jax.random.key or an int seed, got {rng_key!r}")

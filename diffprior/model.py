@@ -1,0 +1,457 @@
+"""Read a user's NumPyro model: find its :class:`~diffprior.DiffusionPrior` site and build the
+likelihood of the observations given that site.
+
+A model in diffprior's sense has exactly one latent site ``x`` whose distribution is a
+``DiffusionPrior``, and observed sites ``y_j`` whose distributions may depend on ``x`` through any
+JAX function (a forward operator :math:`A`)::
+
+    def model(y=None):
+        x = numpyro.sample("x", prior)
+        numpyro.sample("y", dist.StudentT(4.0, A(x), 0.1).to_event(1), obs=y)
+
+:func:`read_model` checks the model once, with concrete values, and returns an
+:class:`ObservationModel` whose methods are pure JAX functions of ``x``:
+
+.. math::
+    \\log p(y \\mid x) = \\sum_j s_j \\log p_j(y_j \\mid x),
+
+where :math:`s_j` is the site's ``scale`` (from :func:`numpyro.handlers.scale`, 1 by default) and
+masked entries (:func:`numpyro.handlers.mask`) contribute zero. The densities are NumPyro's own
+(:func:`numpyro.infer.util.compute_log_probs`) on the model with ``x`` substituted and the prior
+site hidden, so the prior's expensive ``log_prob`` and ``sample`` are never called.
+
+Variance inflation (used by twisted SMC, e.g. TDS and the guided proposals of FK steering):
+``log_likelihood(x, extra_variance=v)`` replaces every Normal and Student-t observation scale
+:math:`\\sigma` by :math:`\\sqrt{\\sigma^2 + v}`, so that for a Gaussian site
+
+.. math::
+    \\log N(y; A(x), (\\sigma^2 + v) I),
+
+the likelihood of :math:`y` given a denoised :math:`\\hat x_0` whose error has variance ``v``.
+Other likelihoods are left unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.distributions.distribution import Unit
+from numpyro.infer.util import compute_log_probs
+from numpyro.ops.provenance import eval_provenance
+from numpyro.primitives import Messenger
+
+from diffprior.priors.diffusion_prior import DiffusionPrior
+from diffprior.types import Array, ArrayLike
+
+__all__ = ["ModelError", "ObservationModel", "inflate_variance", "read_model"]
+
+_WRAPPERS = (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)
+
+
+class ModelError(ValueError):
+    """A NumPyro model that diffprior cannot sample: the message names the site and the
+    expected versus the given value."""
+
+
+def _unwrap(fn: dist.Distribution) -> dist.Distribution:
+    """The distribution inside any ``Independent`` / ``Expanded`` / ``Masked`` wrappers."""
+    while isinstance(fn, _WRAPPERS):
+        fn = fn.base_dist
+    return fn
+
+
+def _is_diffusion_prior(fn: Any) -> bool:
+    return isinstance(fn, dist.Distribution) and isinstance(_unwrap(fn), DiffusionPrior)
+
+
+def _is_factor(site: Mapping[str, Any]) -> bool:
+    """Whether a site is a :func:`numpyro.factor` term (a ``Unit`` pseudo-observation)."""
+    return isinstance(_unwrap(site["fn"]), Unit)
+
+
+def _inflate(fn: dist.Distribution, extra_variance: ArrayLike) -> dist.Distribution:
+    """``fn`` with every Normal / StudentT scale replaced by ``sqrt(scale**2 + extra_variance)``,
+    rebuilding the Independent / Expanded / Masked wrappers around it."""
+    if isinstance(fn, dist.Normal):
+        return dist.Normal(fn.loc, jnp.sqrt(fn.scale**2 + extra_variance))
+    if isinstance(fn, dist.StudentT):
+        return dist.StudentT(fn.df, fn.loc, jnp.sqrt(fn.scale**2 + extra_variance))
+    if isinstance(fn, dist.Independent):
+        base = _inflate(fn.base_dist, extra_variance)
+        return (
+            base if base is fn.base_dist else dist.Independent(base, fn.reinterpreted_batch_ndims)
+        )
+    if isinstance(fn, dist.ExpandedDistribution):
+        base = _inflate(fn.base_dist, extra_variance)
+        return base if base is fn.base_dist else dist.ExpandedDistribution(base, fn.batch_shape)
+    if isinstance(fn, dist.MaskedDistribution):
+        base = _inflate(fn.base_dist, extra_variance)
+        return base if base is fn.base_dist else dist.MaskedDistribution(base, fn._mask)
+    return fn
+
+
+class inflate_variance(Messenger):
+    """Inflate the variance of every Normal and Student-t observation by ``extra_variance``:
+    the scale :math:`\\sigma` of an observed site becomes :math:`\\sqrt{\\sigma^2 + v}`.
+    Other observed sites and all latent sites are left alone. ``extra_variance`` may be a
+    traced scalar, an array that broadcasts against the site's shape, or a mapping from site
+    name to such values (sites not in the mapping are left alone).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> from numpyro import handlers
+    >>> def model():
+    ...     numpyro.sample("y", dist.Normal(0.0, 3.0), obs=1.0)
+    >>> tr = handlers.trace(inflate_variance(model, extra_variance=16.0)).get_trace()
+    >>> float(tr["y"]["fn"].scale)
+    5.0
+    """
+
+    def __init__(self, fn: Callable | None = None, extra_variance: ArrayLike = 0.0) -> None:
+        self.extra_variance = extra_variance
+        super().__init__(fn)
+
+    def process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "sample" and msg["is_observed"]:
+            extra = self.extra_variance
+            if isinstance(extra, Mapping):
+                if msg["name"] not in extra:
+                    return
+                extra = extra[msg["name"]]
+            msg["fn"] = _inflate(msg["fn"], extra)
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return str(tuple(int(n) for n in shape))
+
+
+class ObservationModel:
+    """The likelihood :math:`p(y \\mid x)` of a NumPyro model with one DiffusionPrior site ``x``.
+
+    Build it with :func:`read_model`. All methods are pure JAX functions of ``x`` (jit-able,
+    vmap-able, differentiable); ``x`` has the prior's ``event_shape``.
+
+    Attributes
+    ----------
+    prior_site
+        Name of the DiffusionPrior sample site.
+    prior
+        The :class:`~diffprior.DiffusionPrior` at that site.
+    event_shape
+        Shape of one ``x``.
+    observed
+        Observed site name -> observed value, in the model's order (``numpyro.factor`` terms
+        are not observations and are left out here, but count in the log-likelihoods).
+    observed_flat
+        The observed values flattened and concatenated in that order.
+    likelihood_sites
+        The sites whose log-densities make up :meth:`log_likelihood`: the observed sites and any
+        ``numpyro.factor`` terms that depend on ``x``.
+    fixed_sites
+        Observed sites whose density does not depend on ``x`` (typically latents fixed with
+        ``numpyro.handlers.condition``): constants in ``x``, left out of every term here.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        args: tuple,
+        kwargs: dict,
+        prior_site: str,
+        prior: DiffusionPrior,
+        observed: dict[str, Array],
+        likelihood_sites: Sequence[str] | None = None,
+        fixed_sites: Sequence[str] = (),
+    ) -> None:
+        self.model = model
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs)
+        self.prior_site = prior_site
+        self.prior = prior
+        self.event_shape = tuple(prior.event_shape)
+        self.observed = observed
+        self.likelihood_sites = tuple(observed if likelihood_sites is None else likelihood_sites)
+        self.fixed_sites = tuple(fixed_sites)
+        self.observed_flat = jnp.concatenate(
+            [jnp.zeros((0,), jnp.result_type(float))]
+            + [jnp.ravel(value).astype(jnp.result_type(float)) for value in observed.values()]
+        )
+
+    def __repr__(self) -> str:
+        sites = ", ".join(f"{name}{_shape_str(v.shape)}" for name, v in self.observed.items())
+        return (
+            f"ObservationModel(prior_site={self.prior_site!r}, "
+            f"event_shape={self.event_shape}, observed=[{sites}])"
+        )
+
+    def _conditioned(self, x: ArrayLike, extra_variance: ArrayLike | None) -> Callable:
+        """The model with ``x`` substituted and the prior site hidden from outer handlers."""
+        x = jnp.asarray(x)
+        if x.shape != self.event_shape:
+            raise ValueError(
+                f"site {self.prior_site!r}: x has shape {_shape_str(x.shape)}, but the prior's "
+                f"event shape is {self.event_shape} (vmap over a batch of x)"
+            )
+        model = handlers.substitute(self.model, data={self.prior_site: x})
+        if extra_variance is not None:
+            model = inflate_variance(model, extra_variance=extra_variance)
+        # block sits outside substitute: a blocked message stops before reaching outer handlers,
+        # and the prior site must be substituted before it can be hidden from the trace.
+        model = handlers.block(model, hide=[self.prior_site])
+        return handlers.seed(model, rng_seed=0)
+
+    def _site_log_probs(
+        self, x: ArrayLike, extra_variance: ArrayLike | None, sum_log_prob: bool
+    ) -> dict[str, Array]:
+        log_probs, _ = compute_log_probs(
+            self._conditioned(x, extra_variance),
+            self.args,
+            self.kwargs,
+            params={},
+            sum_log_prob=sum_log_prob,
+        )
+        return {name: log_probs[name] for name in self.likelihood_sites}
+
+    def log_likelihood(self, x: ArrayLike, extra_variance: ArrayLike | None = None) -> Array:
+        """:math:`\\log p(y \\mid x) = \\sum_j s_j \\log p_j(y_j \\mid x)`, a scalar.
+
+        With ``extra_variance`` :math:`v`, every Normal and Student-t observation scale
+        :math:`\\sigma` is replaced by :math:`\\sqrt{\\sigma^2 + v}` (:class:`inflate_variance`).
+        """
+        log_probs = self._site_log_probs(x, extra_variance, sum_log_prob=True)
+        return sum(log_probs.values(), start=jnp.zeros((), jnp.result_type(float)))
+
+    def pointwise_log_likelihood(self, x: ArrayLike) -> dict[str, Array]:
+        """Per site of :attr:`likelihood_sites`, :math:`s_j \\log p_j(y_j \\mid x)` with event
+        dimensions summed and batch (plate) dimensions kept, for ArviZ's ``log_likelihood``
+        group. The entries sum to :meth:`log_likelihood`."""
+        return self._site_log_probs(x, None, sum_log_prob=False)
+
+    def observation_mean(self, x: ArrayLike) -> Array:
+        """:math:`E[y \\mid x]`: each observed site's mean, flattened and concatenated in the
+        order of :attr:`observed_flat` (for a Student-t with ``df <= 1`` the mean is infinite)."""
+        tr = handlers.trace(self._conditioned(x, None)).get_trace(*self.args, **self.kwargs)
+        means = [
+            jnp.ravel(jnp.broadcast_to(tr[name]["fn"].mean, tr[name]["fn"].shape()))
+            for name in self.observed
+        ]
+        return jnp.concatenate([jnp.zeros((0,), jnp.result_type(float)), *means])
+
+
+def _check_prior_site(site: Mapping[str, Any]) -> DiffusionPrior:
+    name, fn = site["name"], site["fn"]
+    prior = _unwrap(fn)
+    if site["is_observed"]:
+        raise ModelError(
+            f"site {name!r}: the DiffusionPrior site is observed (obs=...), but it must be the "
+            "latent to sample; observe a different site that depends on it"
+        )
+    if tuple(fn.shape()) != tuple(prior.event_shape):
+        raise ModelError(
+            f"site {name!r}: the DiffusionPrior site has shape {_shape_str(fn.shape())}, but the "
+            f"prior's event shape is {_shape_str(prior.event_shape)}; put it outside any plate "
+            "and do not expand it"
+        )
+    if site.get("scale") is not None:
+        raise ModelError(
+            f"site {name!r}: the DiffusionPrior site is scaled (numpyro.handlers.scale), which "
+            "the samplers cannot honour; apply the scale to the observed sites only"
+        )
+    wrapper = fn
+    while isinstance(wrapper, _WRAPPERS):
+        if isinstance(wrapper, dist.MaskedDistribution):
+            mask = wrapper._mask
+            if isinstance(mask, jax.core.Tracer) or not np.all(np.asarray(mask)):
+                raise ModelError(
+                    f"site {name!r}: the DiffusionPrior site is masked (mask={mask!r}), which "
+                    "the samplers cannot honour; mask the observed sites instead"
+                )
+        wrapper = wrapper.base_dist
+    return prior
+
+
+def _check_observed(site: Mapping[str, Any]) -> Array:
+    name, value = site["name"], site["value"]
+    expected = tuple(site["fn"].shape())
+    given = tuple(jnp.shape(value))
+    if given != expected:
+        raise ModelError(
+            f"site {name!r}: observed value has shape {_shape_str(given)}, but the likelihood "
+            f"has shape {_shape_str(expected)}"
+        )
+    if isinstance(value, jax.core.Tracer):
+        return value  # read inside a transformation: only the static checks apply
+    concrete = np.asarray(value)
+    if np.issubdtype(concrete.dtype, np.inexact):
+        num_nan = int(np.isnan(concrete).sum())
+        num_inf = int(np.isinf(concrete).sum())
+        if num_nan or num_inf:
+            raise ModelError(
+                f"site {name!r}: observed value has {num_nan} NaN and {num_inf} inf entries "
+                f"(out of {concrete.size}); every observation must be finite (mask missing "
+                "entries with numpyro.handlers.mask or drop them)"
+            )
+    return jnp.asarray(value)
+
+
+def read_model(
+    model: Callable, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+) -> ObservationModel:
+    """Check a NumPyro model and return its :class:`ObservationModel`.
+
+    The model is traced once, under ``seed(rng_seed=0)``, with zeros substituted at every
+    DiffusionPrior site (so no diffusion is ever run), and is rejected with a
+    :class:`ModelError` naming the site when:
+
+    - it has no DiffusionPrior site, or more than one, or the DiffusionPrior site is observed,
+      inside a plate, scaled or masked;
+    - it has no observed site (or ``numpyro.factor``) whose density depends on ``x``: there is
+      nothing to condition on;
+    - it has other latent sample sites (fix them, e.g. with ``numpyro.handlers.condition``);
+    - an observed value's shape differs from its site's distribution shape, or it holds NaN or
+      inf;
+    - it is not traceable by ``jax.jit`` as a function of ``x``.
+
+    Which observed sites depend on ``x`` is found by provenance tracking through the model's
+    jaxpr; those that do not (latents fixed with ``condition``) become
+    :attr:`ObservationModel.fixed_sites`, constants left out of the likelihood.
+
+    Parameters
+    ----------
+    model
+        A NumPyro model, called as ``model(*args, **kwargs)``.
+    args, kwargs
+        The model's arguments, typically the observations (as for ``numpyro.infer.MCMC.run``).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> import diffprior as dp
+    >>> prior = dp.GaussianMixture(jnp.zeros((1, 2)), jnp.ones(1))
+    >>> A = jnp.array([[1.0, 2.0]])
+    >>> def model(y=None):
+    ...     x = numpyro.sample("x", prior)
+    ...     numpyro.sample("y", dist.Normal(A @ x, 0.5).to_event(1), obs=y)
+    >>> obs = read_model(model, kwargs={"y": jnp.array([1.0])})
+    >>> obs.prior_site, obs.event_shape, list(obs.observed)
+    ('x', (2,), ['y'])
+    >>> float(obs.observation_mean(jnp.array([1.0, 1.0]))[0])
+    3.0
+    >>> round(float(obs.log_likelihood(jnp.zeros(2))), 4)  # log N(1; 0, 0.5^2)
+    -2.2258
+    """
+    args = tuple(args)
+    kwargs = dict(kwargs or {})
+
+    def zeros_at_prior(msg: dict[str, Any]) -> Array | None:
+        if msg["type"] == "sample" and not msg["is_observed"] and _is_diffusion_prior(msg["fn"]):
+            return jnp.zeros(msg["fn"].shape(), jnp.result_type(float))
+        return None
+
+    traced = handlers.trace(
+        handlers.seed(handlers.substitute(model, substitute_fn=zeros_at_prior), rng_seed=0)
+    )
+    sites = traced.get_trace(*args, **kwargs)
+    sample_sites = [site for site in sites.values() if site["type"] == "sample"]
+
+    prior_sites = [site for site in sample_sites if _is_diffusion_prior(site["fn"])]
+    if not prior_sites:
+        found = ", ".join(
+            f"{site['name']!r} ({type(_unwrap(site['fn'])).__name__})" for site in sample_sites
+        )
+        raise ModelError(
+            "the model has no DiffusionPrior sample site; write x = numpyro.sample('x', prior) "
+            f"with prior a diffprior.DiffusionPrior (sample sites found: {found or 'none'})"
+        )
+    if len(prior_sites) > 1:
+        names = " and ".join(repr(site["name"]) for site in prior_sites)
+        raise ModelError(
+            f"the model has {len(prior_sites)} DiffusionPrior sites, {names}, but exactly one "
+            "is supported; stack them into one prior with a joint event shape"
+        )
+    prior_site = prior_sites[0]
+    prior = _check_prior_site(prior_site)
+
+    observed_sites = [
+        site
+        for site in sample_sites
+        if site["is_observed"] and site is not prior_site and not _is_factor(site)
+    ]
+    factors = [site["name"] for site in sample_sites if _is_factor(site)]
+    others = [
+        site["name"] for site in sample_sites if not site["is_observed"] and site is not prior_site
+    ]
+    if not observed_sites and not factors:
+        hint = (
+            f"; the unobserved sites {others} may be missing their data (pass it in args/kwargs)"
+            if others
+            else ""
+        )
+        raise ModelError(
+            "the model has no observed sample site (obs=...), so there is nothing to condition "
+            f"the DiffusionPrior site {prior_site['name']!r} on{hint}"
+        )
+    if others:
+        listed = ", ".join(repr(name) for name in others)
+        example = ", ".join(f"{name!r}: value" for name in others)
+        raise ModelError(
+            f"latent sample sites {listed} besides the DiffusionPrior site "
+            f"{prior_site['name']!r} are not supported yet: they must be fixed, e.g. with "
+            f"numpyro.handlers.condition(model, data={{{example}}}), until hierarchical models "
+            "are supported"
+        )
+
+    observed = {site["name"]: _check_observed(site) for site in observed_sites}
+    candidate = ObservationModel(
+        model,
+        args,
+        kwargs,
+        prior_site["name"],
+        prior,
+        observed,
+        likelihood_sites=[site["name"] for site in sample_sites if site["is_observed"]],
+    )
+    depends = _sites_depending_on_x(candidate)
+    fixed = [name for name in candidate.likelihood_sites if name not in depends]
+    if len(fixed) == len(candidate.likelihood_sites):
+        raise ModelError(
+            f"no observed site depends on the DiffusionPrior site {prior_site['name']!r} "
+            f"(observed: {list(candidate.likelihood_sites)}), so there is nothing to condition "
+            "it on"
+        )
+    return ObservationModel(
+        model,
+        args,
+        kwargs,
+        prior_site["name"],
+        prior,
+        {name: value for name, value in observed.items() if name not in fixed},
+        likelihood_sites=[name for name in candidate.likelihood_sites if name not in fixed],
+        fixed_sites=[name for name in fixed if name not in factors],
+    )
+
+
+def _sites_depending_on_x(obs: ObservationModel) -> set[str]:
+    """Names of the likelihood sites whose log-density depends on ``x``, found by tracking
+    provenance through the model's jaxpr (abstract evaluation: nothing is computed)."""
+
+    def site_terms(x):
+        return obs._site_log_probs(x, None, sum_log_prob=True)
+
+    x = jnp.zeros(obs.event_shape, jnp.result_type(float))
+    try:
+        provenance = eval_provenance(site_terms, x=x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as err:
+        raise ModelError(
+            f"site {obs.prior_site!r}: the model must be a pure JAX function of the "
+            "DiffusionPrior value (traceable by jax.jit: no Python `if` on it, no NumPy "
+            f"calls on it), but tracing it failed with {type(err).__name__}"
+        ) from err
+    return {name for name, sources in provenance.items() if "x" in sources}
