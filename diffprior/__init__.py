@@ -5,7 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from diffprior import diagnostics, diffusion, kernels, problems, schedules
 from diffprior.diffusion import Denoiser
-from diffprior.infer import DPS, TDS, Sampler, Unguided
+from diffprior.infer import DPS, FK, TDS, Sampler, Unguided
 from diffprior.priors import DiffusionPrior, GaussianMixture
 
 try:
@@ -24,6 +24,7 @@ __all__ = [
     "Unguided",
     "DPS",
     "TDS",
+    "FK",
     "Denoiser",
     "DiffusionPrior",
     "GaussianMixture",

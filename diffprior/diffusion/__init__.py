@@ -10,6 +10,7 @@ from diffprior.diffusion.transitions import (
     reverse_transition,
     sample_transition,
     transition_log_prob,
+    tweedie_variance,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "guided_x0",
     "sample_transition",
     "transition_log_prob",
+    "tweedie_variance",
 ]

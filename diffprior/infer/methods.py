@@ -17,12 +17,20 @@ from blackjax.base import SamplingAlgorithm
 
 from diffprior.diffusion.grids import SPACINGS
 from diffprior.diffusion.transitions import tweedie_variance
-from diffprior.kernels import dps, smc, tds, unguided
+from diffprior.kernels import dps, fk, smc, tds, unguided
 from diffprior.model import ObservationModel
 from diffprior.priors import DiffusionPrior
 from diffprior.types import Array
 
-__all__ = ["Method", "Unguided", "DPS", "TDS", "VARIANCE_INFLATIONS", "observation_gains"]
+__all__ = [
+    "Method",
+    "Unguided",
+    "DPS",
+    "TDS",
+    "FK",
+    "VARIANCE_INFLATIONS",
+    "observation_gains",
+]
 
 #: Twist variance inflations, see :meth:`TDS.twist_fn`.
 VARIANCE_INFLATIONS = (None, "pigdm", "jacobian")
@@ -205,41 +213,7 @@ class TDS(Method):
         return smc.resampling_fn(self._options["resampling"])
 
     def twist_fn(self, prior: DiffusionPrior, obs: ObservationModel):
-        r"""``twist_fn(x0_hat, t)``: the log-likelihood at :math:`\hat x_0` with Gaussian and
-        Student-t scales widened for the error of :math:`\hat x_0`.
-
-        With :math:`r_t^2 = \mathrm{Var}[x_0 \mid x_t]` per coordinate for Gaussian data of
-        the prior's variance :math:`v` (``prior.variance``, averaged over coordinates),
-        :func:`~diffprior.diffusion.transitions.tweedie_variance`, an observation
-        :math:`y_i = A_i(x) + \text{noise}` gets the variance :math:`\sigma_i^2 + r_t^2 g_i`:
-
-        - ``"jacobian"``: :math:`g_i = \sum_j J_{ij}^2`, with :math:`J` the Jacobian of
-          :math:`E[y \mid x]` at :math:`x = 0` (exact for a linear operator), so that
-          :math:`r_t^2 g_i = \mathrm{Var}[A_i x_0 \mid x_t]` for independent coordinates;
-        - ``"pigdm"``: :math:`g_i = 1` (the :math:`r_t^2` of pseudo-inverse guidance);
-        - ``None``: no inflation, :math:`\tilde p_t(y \mid x_t) = p(y \mid \hat x_0)` as
-          in the TDS paper.
-
-        Any choice keeps TDS exact (the last twist is the exact likelihood); inflation keeps
-        the twists from over-trusting :math:`\hat x_0` at high noise, which otherwise makes the
-        weights, and the evidence, far more variable when the observation is informative.
-        """
-        inflation = self._options["variance_inflation"]
-        if inflation is None:
-            return lambda x0_hat, t: obs.log_likelihood(x0_hat)
-        schedule = prior.schedule
-        data_variance = jnp.mean(prior.variance)
-        if inflation == "jacobian":
-            gains = observation_gains(obs)
-        else:
-            gains = {name: 1.0 for name in obs.observed}
-
-        def twist_fn(x0_hat, t):
-            r2 = jnp.where(t > 0, tweedie_variance(schedule, t, data_variance), 0.0)
-            extra = {name: r2 * gain for name, gain in gains.items()}
-            return obs.log_likelihood(x0_hat, extra_variance=extra)
-
-        return twist_fn
+        return likelihood_twist(prior, obs, self._options["variance_inflation"])
 
     def build(self, prior, obs, timesteps):
         opts = self._options
@@ -253,6 +227,143 @@ class TDS(Method):
             ess_threshold=opts["ess_threshold"],
             resampling=opts["resampling"],
         )
+
+
+class FK(Method):
+    r"""Feynman-Kac steering (:mod:`diffprior.kernels.fk`).
+
+    Parameters
+    ----------
+    potential
+        ``"difference"``, ``"max"`` or ``"sum"``.
+    proposal
+        ``"guided"`` (TDS's proposal) or ``"prior"``.
+    lam
+        :math:`\lambda`: the target is :math:`p(x) \exp(\lambda r(x))`; 1 with the default
+        reward is the posterior.
+    reward
+        ``reward(x0) -> scalar``; default the model's log-likelihood (widened at high noise as
+        ``variance_inflation`` says; any user function is used as given).
+    ess_threshold, resample_every, resampling
+        Adaptive resampling: when ESS / N < ``ess_threshold``, at steps that are multiples of
+        ``resample_every``.
+    scale, eta, variance_inflation
+        As for :class:`TDS`. ``FK(model, potential="difference", proposal="guided")`` is
+        exactly ``TDS(model)``.
+    """
+
+    is_smc = True
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        potential: str = "difference",
+        proposal: str = "guided",
+        lam: float = 1.0,
+        reward: Callable | None = None,
+        ess_threshold: float = 0.5,
+        resample_every: int = 1,
+        resampling: str = "systematic",
+        scale: float = 1.0,
+        variance_inflation: str | None = "jacobian",
+        eta: float = 1.0,
+        spacing: str = "uniform",
+    ):
+        if potential not in fk.POTENTIALS:
+            raise ValueError(f"potential must be one of {fk.POTENTIALS}, got {potential!r}")
+        if proposal not in fk.PROPOSALS:
+            raise ValueError(f"proposal must be one of {fk.PROPOSALS}, got {proposal!r}")
+        if reward is not None and not callable(reward):
+            raise TypeError(f"reward must be a function reward(x0) -> scalar, got {reward!r}")
+        if isinstance(resample_every, bool) or not isinstance(resample_every, int):
+            raise TypeError(f"resample_every must be an integer, got {resample_every!r}")
+        if resample_every < 1:
+            raise ValueError(f"resample_every must be >= 1, got {resample_every}")
+        if variance_inflation not in VARIANCE_INFLATIONS:
+            raise ValueError(
+                f"variance_inflation must be one of {VARIANCE_INFLATIONS}, "
+                f"got {variance_inflation!r}"
+            )
+        smc.resampling_fn(resampling)
+        super().__init__(
+            model,
+            spacing=spacing,
+            potential=potential,
+            proposal=proposal,
+            lam=_check_positive("lam", lam, allow_zero=True),
+            reward=reward,
+            ess_threshold=smc.check_ess_threshold(ess_threshold),
+            resample_every=resample_every,
+            resampling=resampling,
+            scale=_check_positive("scale", scale, allow_zero=True),
+            variance_inflation=variance_inflation,
+            eta=_check_eta(eta),
+        )
+
+    def resampling_fn(self) -> Callable:
+        return smc.resampling_fn(self._options["resampling"])
+
+    def build(self, prior, obs, timesteps):
+        opts = self._options
+        if opts["reward"] is None:
+            reward_fn = likelihood_twist(prior, obs, opts["variance_inflation"])
+        else:
+            user_reward = opts["reward"]
+
+            def reward_fn(x0_hat, t):
+                return user_reward(x0_hat)
+
+        return fk.as_top_level_api(
+            prior.denoiser,
+            reward_fn,
+            timesteps,
+            potential=opts["potential"],
+            proposal=opts["proposal"],
+            lam=opts["lam"],
+            eta=opts["eta"],
+            scale=opts["scale"],
+            ess_threshold=opts["ess_threshold"],
+            resample_every=opts["resample_every"],
+            resampling=opts["resampling"],
+        )
+
+
+def likelihood_twist(prior: DiffusionPrior, obs: ObservationModel, inflation: str | None):
+    r"""``twist_fn(x0_hat, t)``: the log-likelihood at :math:`\hat x_0` with Gaussian and
+    Student-t scales widened for the error of :math:`\hat x_0`.
+
+    With :math:`r_t^2 = \mathrm{Var}[x_0 \mid x_t]` per coordinate for Gaussian data of
+    the prior's variance :math:`v` (``prior.variance``, averaged over coordinates),
+    :func:`~diffprior.diffusion.transitions.tweedie_variance`, an observation
+    :math:`y_i = A_i(x) + \text{noise}` gets the variance :math:`\sigma_i^2 + r_t^2 g_i`:
+
+    - ``"jacobian"``: :math:`g_i = \sum_j J_{ij}^2`, with :math:`J` the Jacobian of
+      :math:`E[y \mid x]` at :math:`x = 0` (exact for a linear operator), so that
+      :math:`r_t^2 g_i = \mathrm{Var}[A_i x_0 \mid x_t]` for independent coordinates;
+    - ``"pigdm"``: :math:`g_i = 1` (the :math:`r_t^2` of pseudo-inverse guidance);
+    - ``None``: no inflation, :math:`\tilde p_t(y \mid x_t) = p(y \mid \hat x_0)` as
+      in the TDS paper.
+
+    Any choice keeps TDS and FK exact (the last twist is the exact likelihood); inflation keeps
+    the twists from over-trusting :math:`\hat x_0` at high noise, which otherwise makes the
+    weights, and the evidence, far more variable when the observation is informative.
+    """
+    if inflation is None:
+        return lambda x0_hat, t: obs.log_likelihood(x0_hat)
+    schedule = prior.schedule
+    data_variance = jnp.mean(prior.variance)
+    if inflation == "jacobian":
+        gains = observation_gains(obs)
+    else:
+        gains = {name: 1.0 for name in obs.observed}
+
+    def twist_fn(x0_hat, t):
+        r2 = jnp.where(t > 0, tweedie_variance(schedule, t, data_variance), 0.0)
+        extra = {name: r2 * gain for name, gain in gains.items()}
+        return obs.log_likelihood(x0_hat, extra_variance=extra)
+
+    return twist_fn
 
 
 def observation_gains(obs: ObservationModel) -> dict[str, jax.Array]:

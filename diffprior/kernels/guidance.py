@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.types import Array, ArrayLike
 
-__all__ = ["Potential", "potential_and_grad", "TwistFn"]
+__all__ = ["Potential", "potential_and_grad", "potential_value", "TwistFn"]
 
 #: ``twist_fn(x0_hat, t) -> log p~(y | x0_hat)`` (a scalar), for one particle.
 TwistFn = Callable[[Array, Array], Array]
@@ -61,3 +61,16 @@ def potential_and_grad(
     value = jnp.where(jnp.isfinite(value), value, -jnp.inf)
     grad = jnp.where(finite, grad, 0.0)
     return Potential(value, grad, x0_hat)
+
+
+def potential_value(
+    denoiser: Denoiser, twist_fn: TwistFn, x_t: Array, t: ArrayLike
+) -> Potential:
+    """As :func:`potential_and_grad` without the gradient (one forward pass; ``grad`` is
+    zero), for methods whose proposal does not use it."""
+    t = jnp.asarray(t, dtype=jnp.float32)
+    clean = t <= _T_CLEAN
+    x0_hat = jnp.where(clean, x_t, denoiser.x0(x_t, jnp.maximum(t, _T_CLEAN)))
+    value = twist_fn(x0_hat, t)
+    value = jnp.where(jnp.isfinite(value), value, -jnp.inf)
+    return Potential(value, jnp.zeros_like(x_t), x0_hat)

@@ -129,8 +129,14 @@ def test_low_level_api_matches_kernel_contract():
     def log_likelihood(x):
         return jax.scipy.stats.norm.logpdf(y, A @ x, 0.5).sum()
 
+    def twist(x0_hat, t):
+        # the likelihood widened by Var[A x0 | x_t] (what dp.TDS builds from a model)
+        r2 = dp.diffusion.tweedie_variance(gmm.schedule, t, jnp.mean(gmm.variance))
+        scale = jnp.sqrt(0.25 + r2 * jnp.sum(A**2))
+        return jax.scipy.stats.norm.logpdf(y, A @ x0_hat, scale).sum()
+
     times = gmm.timesteps(30)
-    algorithm = dp.kernels.tds.as_top_level_api(gmm.denoiser, log_likelihood, times)
+    algorithm = dp.kernels.tds.as_top_level_api(gmm.denoiser, log_likelihood, times, twist_fn=twist)
     state = algorithm.init(jax.random.normal(jax.random.key(0), (256, 2)))
     assert state.log_weights.shape == (256,)
     np.testing.assert_allclose(float(jax.scipy.special.logsumexp(state.log_weights)), 0, atol=1e-5)
