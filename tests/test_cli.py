@@ -47,7 +47,6 @@ def test_no_command_prints_usage_and_fails(capsys):
     "argv",
     [
         ["demo"],
-        ["sample", "--problem", "problem.npz", "--method", "tds", "--out", "samples.npz"],
         ["benchmark"],
     ],
 )
@@ -90,3 +89,54 @@ def test_python_dash_m_diffprior_help():
     assert result.stdout.startswith("usage: diffprior")
     for name in SUBCOMMANDS:
         assert name in result.stdout
+
+
+def _write_problem(path, **overrides):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "means": np.array([[-2.0, 0.0], [2.0, 0.0]]),
+        "weights": np.array([0.3, 0.7]),
+        "scale": np.array(1.0),
+        "A": rng.normal(size=(1, 2)),
+        "sigma_y": np.array(0.5),
+        "y": np.array([0.7]),
+    }
+    arrays.update(overrides)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+
+
+@pytest.mark.parametrize(("method", "has_evidence"), [("tds", True), ("DPS", False)])
+def test_sample_writes_the_documented_file(method, has_evidence, tmp_path, capsys):
+    import numpy as np
+
+    problem, out = tmp_path / "problem.npz", tmp_path / "out" / "samples.npz"
+    _write_problem(problem)
+    argv = ["sample", "--problem", str(problem), "--method", method, "--num-particles", "32"]
+    argv += ["--num-steps", "10", "--num-chains", "2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    with np.load(out) as result:
+        assert sorted(result.files) == ["log_evidence", "seconds", "x"]
+        assert result["x"].shape == (64, 2)
+        assert result["log_evidence"].shape == (2,)
+        assert np.all(np.isfinite(result["log_evidence"])) == has_evidence
+        assert result["seconds"].shape == () and float(result["seconds"]) > 0
+    assert [p.name for p in out.parent.iterdir()] == ["samples.npz"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"y": None}, "missing keys ['y']"),
+        ({"A": [[1.0, 2.0, 3.0]]}, "A must have shape"),
+        ({"y": [float("nan")]}, "y has NaN"),
+    ],
+)
+def test_sample_rejects_bad_problems(override, message, tmp_path, capsys):
+    problem, out = tmp_path / "problem.npz", tmp_path / "samples.npz"
+    _write_problem(problem, **override)
+    argv = ["sample", "--problem", str(problem), "--method", "tds", "--out", str(out)]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
