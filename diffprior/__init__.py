@@ -5,7 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from diffprior import diagnostics, diffusion, kernels, problems, schedules
 from diffprior.diffusion import Denoiser
-from diffprior.infer import DPS, FK, TDS, Sampler, Unguided
+from diffprior.infer import DPS, FK, TDS, DiffPIR, PiGDM, Sampler, Unguided
 from diffprior.priors import DiffusionPrior, GaussianMixture
 
 try:
@@ -25,6 +25,8 @@ __all__ = [
     "DPS",
     "TDS",
     "FK",
+    "PiGDM",
+    "DiffPIR",
     "Denoiser",
     "DiffusionPrior",
     "GaussianMixture",

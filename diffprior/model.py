@@ -1,4 +1,4 @@
-"""Read a user's NumPyro model: find its :class:`~diffprior.DiffusionPrior` site and build the
+r"""Read a user's NumPyro model: find its :class:`~diffprior.DiffusionPrior` site and build the
 likelihood of the observations given that site.
 
 A model in diffprior's sense has exactly one latent site ``x`` whose distribution is a
@@ -13,7 +13,7 @@ JAX function (a forward operator :math:`A`)::
 :class:`ObservationModel` whose methods are pure JAX functions of ``x``:
 
 .. math::
-    \\log p(y \\mid x) = \\sum_j s_j \\log p_j(y_j \\mid x),
+    \log p(y \mid x) = \sum_j s_j \log p_j(y_j \mid x),
 
 where :math:`s_j` is the site's ``scale`` (from :func:`numpyro.handlers.scale`, 1 by default) and
 masked entries (:func:`numpyro.handlers.mask`) contribute zero. The densities are NumPyro's own
@@ -22,12 +22,12 @@ site hidden, so the prior's expensive ``log_prob`` and ``sample`` are never call
 
 Variance inflation (used by twisted SMC, e.g. TDS and the guided proposals of FK steering):
 ``log_likelihood(x, extra_variance=v)`` replaces every Normal and Student-t observation scale
-:math:`\\sigma` by :math:`\\sqrt{\\sigma^2 + v}`, so that for a Gaussian site
+:math:`\sigma` by :math:`\sqrt{\sigma^2 + v}`, so that for a Gaussian site
 
 .. math::
-    \\log N(y; A(x), (\\sigma^2 + v) I),
+    \log N(y; A(x), (\sigma^2 + v) I),
 
-the likelihood of :math:`y` given a denoised :math:`\\hat x_0` whose error has variance ``v``.
+the likelihood of :math:`y` given a denoised :math:`\hat x_0` whose error has variance ``v``.
 Other likelihoods are left unchanged.
 """
 
@@ -97,8 +97,8 @@ def _inflate(fn: dist.Distribution, extra_variance: ArrayLike) -> dist.Distribut
 
 
 class inflate_variance(Messenger):
-    """Inflate the variance of every Normal and Student-t observation by ``extra_variance``:
-    the scale :math:`\\sigma` of an observed site becomes :math:`\\sqrt{\\sigma^2 + v}`.
+    r"""Inflate the variance of every Normal and Student-t observation by ``extra_variance``:
+    the scale :math:`\sigma` of an observed site becomes :math:`\sqrt{\sigma^2 + v}`.
     Other observed sites and all latent sites are left alone. ``extra_variance`` may be a
     traced scalar, an array that broadcasts against the site's shape, or a mapping from site
     name to such values (sites not in the mapping are left alone).
@@ -133,7 +133,7 @@ def _shape_str(shape: Sequence[int]) -> str:
 
 
 class ObservationModel:
-    """The likelihood :math:`p(y \\mid x)` of a NumPyro model with one DiffusionPrior site ``x``.
+    r"""The likelihood :math:`p(y \mid x)` of a NumPyro model with one DiffusionPrior site ``x``.
 
     Build it with :func:`read_model`. All methods are pure JAX functions of ``x`` (jit-able,
     vmap-able, differentiable); ``x`` has the prior's ``event_shape``.
@@ -220,22 +220,46 @@ class ObservationModel:
         return {name: log_probs[name] for name in self.likelihood_sites}
 
     def log_likelihood(self, x: ArrayLike, extra_variance: ArrayLike | None = None) -> Array:
-        """:math:`\\log p(y \\mid x) = \\sum_j s_j \\log p_j(y_j \\mid x)`, a scalar.
+        r""":math:`\log p(y \mid x) = \sum_j s_j \log p_j(y_j \mid x)`, a scalar.
 
         With ``extra_variance`` :math:`v`, every Normal and Student-t observation scale
-        :math:`\\sigma` is replaced by :math:`\\sqrt{\\sigma^2 + v}` (:class:`inflate_variance`).
+        :math:`\sigma` is replaced by :math:`\sqrt{\sigma^2 + v}` (:class:`inflate_variance`).
         """
         log_probs = self._site_log_probs(x, extra_variance, sum_log_prob=True)
         return sum(log_probs.values(), start=jnp.zeros((), jnp.result_type(float)))
 
     def pointwise_log_likelihood(self, x: ArrayLike) -> dict[str, Array]:
-        """Per site of :attr:`likelihood_sites`, :math:`s_j \\log p_j(y_j \\mid x)` with event
+        r"""Per site of :attr:`likelihood_sites`, :math:`s_j \log p_j(y_j \mid x)` with event
         dimensions summed and batch (plate) dimensions kept, for ArviZ's ``log_likelihood``
         group. The entries sum to :meth:`log_likelihood`."""
         return self._site_log_probs(x, None, sum_log_prob=False)
 
+    def noise_families(self) -> dict[str, str]:
+        """Observed site -> the class name of its (unwrapped) distribution, e.g. ``"Normal"``."""
+        x = jnp.zeros(self.event_shape, jnp.result_type(float))
+        tr = handlers.trace(self._conditioned(x, None)).get_trace(*self.args, **self.kwargs)
+        return {name: type(_unwrap(tr[name]["fn"])).__name__ for name in self.observed}
+
+    def observation_scale(self, x: ArrayLike) -> Array:
+        """Each observed site's noise ``scale`` (Normal, StudentT, Laplace, ...), broadcast to
+        the site's shape, flattened and concatenated in the order of :attr:`observed_flat`.
+
+        Raises :class:`ModelError` naming the site when its distribution has no ``scale``.
+        """
+        tr = handlers.trace(self._conditioned(x, None)).get_trace(*self.args, **self.kwargs)
+        scales = []
+        for name in self.observed:
+            fn = tr[name]["fn"]
+            base = _unwrap(fn)
+            if not hasattr(base, "scale"):
+                raise ModelError(
+                    f"site {name!r}: {type(base).__name__} observations have no noise scale"
+                )
+            scales.append(jnp.ravel(jnp.broadcast_to(base.scale, fn.shape())))
+        return jnp.concatenate([jnp.zeros((0,), jnp.result_type(float)), *scales])
+
     def observation_mean(self, x: ArrayLike) -> Array:
-        """:math:`E[y \\mid x]`: each observed site's mean, flattened and concatenated in the
+        r""":math:`E[y \mid x]`: each observed site's mean, flattened and concatenated in the
         order of :attr:`observed_flat` (for a Student-t with ``df <= 1`` the mean is infinite)."""
         tr = handlers.trace(self._conditioned(x, None)).get_trace(*self.args, **self.kwargs)
         means = [

@@ -17,7 +17,7 @@ __all__ = ["LinearGaussianProblem", "mixture_problem", "gaussian_problem"]
 
 
 class LinearGaussianProblem(NamedTuple):
-    """:math:`y = A x + \\sigma_y \\varepsilon` with a Gaussian-mixture prior on :math:`x`.
+    r""":math:`y = A x + \sigma_y \varepsilon` with a Gaussian-mixture prior on :math:`x`.
 
     ``posterior`` and ``log_evidence`` are exact; :meth:`model` is the NumPyro model, called as
     ``model(A, sigma_y, y=y)``.
@@ -66,12 +66,12 @@ def _operator(key: PRNGKey, dim: int, obs_dim: int) -> tuple[Array, Array]:
 def mixture_problem(
     key: PRNGKey, dim: int, obs_dim: int, schedule: Schedule | None = None
 ) -> LinearGaussianProblem:
-    """The Gaussian-mixture problem of the MCGdiff paper (Cardoso et al., ICLR 2024).
+    r"""The Gaussian-mixture problem of the MCGdiff paper (Cardoso et al., ICLR 2024).
 
     25 unit-variance components with means :math:`(-8i, -8j)` repeated to dimension ``dim``
     (``i, j`` in ``-2..2``), weights chi-square(1) normalised; :math:`A` from the SVD of a
     standard normal ``(obs_dim, dim)`` matrix with singular values replaced by sorted U(0, 1);
-    :math:`\\sigma_y` = U(0, 1) times the largest singular value; :math:`y` from a prior draw.
+    :math:`\sigma_y` = U(0, 1) times the largest singular value; :math:`y` from a prior draw.
     The schedule defaults to DDPM's discrete linear betas (1e-4 to 0.02 over 1000 steps).
 
     Examples

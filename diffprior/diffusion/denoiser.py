@@ -1,14 +1,14 @@
-"""A network plus a schedule: the one place where Tweedie's formula and the conversions between
+r"""A network plus a schedule: the one place where Tweedie's formula and the conversions between
 parameterizations live. Every sampler calls :class:`Denoiser`; nothing else converts.
 
-With :math:`x_t = \\alpha_t x_0 + \\sigma_t \\varepsilon`:
+With :math:`x_t = \alpha_t x_0 + \sigma_t \varepsilon`:
 
-- ``"eps"``: the network predicts :math:`\\varepsilon`; :math:`\\hat x_0 = (x_t - \\sigma_t
-  \\hat\\varepsilon) / \\alpha_t`;
-- ``"x0"``: the network predicts :math:`\\hat x_0 = E[x_0 | x_t]` (Tweedie);
-- ``"v"``: the network predicts :math:`v = \\alpha_t \\varepsilon - \\sigma_t x_0` (Salimans & Ho
-  2022), so :math:`\\hat x_0 = (\\alpha_t x_t - \\sigma_t v) / (\\alpha_t^2 + \\sigma_t^2)`;
-- ``"score"``: the network predicts :math:`\\nabla \\log p_t(x_t) = -\\hat\\varepsilon / \\sigma_t`.
+- ``"eps"``: the network predicts :math:`\varepsilon`; :math:`\hat x_0 = (x_t - \sigma_t
+  \hat\varepsilon) / \alpha_t`;
+- ``"x0"``: the network predicts :math:`\hat x_0 = E[x_0 | x_t]` (Tweedie);
+- ``"v"``: the network predicts :math:`v = \alpha_t \varepsilon - \sigma_t x_0` (Salimans & Ho
+  2022), so :math:`\hat x_0 = (\alpha_t x_t - \sigma_t v) / (\alpha_t^2 + \sigma_t^2)`;
+- ``"score"``: the network predicts :math:`\nabla \log p_t(x_t) = -\hat\varepsilon / \sigma_t`.
 """
 
 from __future__ import annotations
@@ -134,14 +134,14 @@ class Denoiser(eqx.Module):
         return reverse_transition(self.schedule, x_t, x0_hat, t, s, eta, self.local_variance)
 
     def x0(self, x: ArrayLike, t: ArrayLike) -> Array:
-        """Tweedie's posterior mean :math:`\\hat x_0(x_t) = E[x_0 \\mid x_t]`."""
+        r"""Tweedie's posterior mean :math:`\hat x_0(x_t) = E[x_0 \mid x_t]`."""
         return self.predict(x, t)[0]
 
     def eps(self, x: ArrayLike, t: ArrayLike) -> Array:
-        """Predicted noise :math:`\\hat\\varepsilon = (x_t - \\alpha_t \\hat x_0) / \\sigma_t`."""
+        r"""Predicted noise :math:`\hat\varepsilon = (x_t - \alpha_t \hat x_0) / \sigma_t`."""
         return self.predict(x, t)[1]
 
     def score(self, x: ArrayLike, t: ArrayLike) -> Array:
-        """Score :math:`\\nabla_{x_t} \\log p_t(x_t) = -\\hat\\varepsilon / \\sigma_t`."""
+        r"""Score :math:`\nabla_{x_t} \log p_t(x_t) = -\hat\varepsilon / \sigma_t`."""
         t = jnp.asarray(t, dtype=jnp.float32)
         return -self.eps(x, t) / self.schedule.sigma(t)

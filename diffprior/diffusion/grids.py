@@ -20,13 +20,13 @@ def timesteps(
     rho: float = 7.0,
     t_min: float = 1e-3,
 ) -> Array:
-    """Times ``(num_steps + 1,)`` from ``schedule.t_max`` down to exactly ``0``.
+    r"""Times ``(num_steps + 1,)`` from ``schedule.t_max`` down to exactly ``0``.
 
     - ``"uniform"``: equal steps in ``t`` (with the discrete DDPM schedule and 1000 training
       steps, 100 uniform steps are the usual respacing with stride 10);
     - ``"quadratic"``: :math:`t_i = t_{max} (i / N)^2`, denser near the data;
     - ``"edm"``: Karras et al.'s rho spacing of the noise-to-signal ratio
-      :math:`\\sigma/\\alpha` between ``t_min`` and ``t_max``, then a final step to 0.
+      :math:`\sigma/\alpha` between ``t_min`` and ``t_max``, then a final step to 0.
 
     Examples
     --------

@@ -20,8 +20,8 @@ __all__ = ["initial_std", "sample_initial", "ancestral_step", "reverse_diffusion
 
 
 def initial_std(schedule: Schedule) -> Array:
-    """Standard deviation of the reference :math:`x_{t_{max}} \\sim N(0, (\\alpha^2 + \\sigma^2) I)`
-    at ``t_max`` (1 for VP schedules; about :math:`\\sigma_{max}` for VE and EDM)."""
+    r"""Standard deviation of the reference :math:`x_{t_{max}} \sim N(0, (\alpha^2 + \sigma^2) I)`
+    at ``t_max`` (1 for VP schedules; about :math:`\sigma_{max}` for VE and EDM)."""
     t_max = schedule.t_max
     return jnp.sqrt(schedule.alpha(t_max) ** 2 + schedule.sigma(t_max) ** 2)
 

@@ -1,10 +1,10 @@
-"""Noise schedules on continuous time ``t`` in ``[0, 1]``.
+r"""Noise schedules on continuous time ``t`` in ``[0, 1]``.
 
 Every schedule defines the forward (noising) marginal
 
-.. math::  x_t = \\alpha(t)\\, x_0 + \\sigma(t)\\, \\varepsilon, \\qquad \\varepsilon \\sim N(0, I),
+.. math::  x_t = \alpha(t)\, x_0 + \sigma(t)\, \varepsilon, \qquad \varepsilon \sim N(0, I),
 
-and its log signal-to-noise ratio :math:`\\lambda(t) = 2 \\log(\\alpha(t) / \\sigma(t))`, which
+and its log signal-to-noise ratio :math:`\lambda(t) = 2 \log(\alpha(t) / \sigma(t))`, which
 decreases in ``t``. Schedules are Equinox modules: plain pytrees that pass through ``jax.jit``.
 
 Examples
@@ -44,15 +44,15 @@ class Schedule(eqx.Module):
         raise NotImplementedError
 
     def alpha(self, t: ArrayLike) -> Array:
-        """Signal coefficient :math:`\\alpha(t)`."""
+        r"""Signal coefficient :math:`\alpha(t)`."""
         return jnp.exp(self.log_alpha(t))
 
     def sigma(self, t: ArrayLike) -> Array:
-        """Noise coefficient :math:`\\sigma(t)`."""
+        r"""Noise coefficient :math:`\sigma(t)`."""
         return jnp.exp(self.log_sigma(t))
 
     def log_snr(self, t: ArrayLike) -> Array:
-        """:math:`\\lambda(t) = 2 (\\log \\alpha(t) - \\log \\sigma(t))`, decreasing in ``t``."""
+        r""":math:`\lambda(t) = 2 (\log \alpha(t) - \log \sigma(t))`, decreasing in ``t``."""
         return 2.0 * (self.log_alpha(t) - self.log_sigma(t))
 
     def t_from_log_snr(self, log_snr: ArrayLike, num_iters: int = 60) -> Array:
@@ -72,11 +72,11 @@ class Schedule(eqx.Module):
         return 0.5 * (lo + hi)
 
     def d_log_alpha(self, t: ArrayLike) -> Array:
-        """:math:`d \\log \\alpha / dt` (by automatic differentiation)."""
+        r""":math:`d \log \alpha / dt` (by automatic differentiation)."""
         return _scalar_grad(self.log_alpha, t)
 
     def d_log_sigma(self, t: ArrayLike) -> Array:
-        """:math:`d \\log \\sigma / dt` (by automatic differentiation)."""
+        r""":math:`d \log \sigma / dt` (by automatic differentiation)."""
         return _scalar_grad(self.log_sigma, t)
 
 
@@ -87,7 +87,7 @@ def _scalar_grad(fn, t):
 
 
 class VP(Schedule):
-    """Variance-preserving schedules: :math:`\\alpha(t)^2 + \\sigma(t)^2 = 1`.
+    r"""Variance-preserving schedules: :math:`\alpha(t)^2 + \sigma(t)^2 = 1`.
 
     ``log_alpha_fn`` is built by the constructors :meth:`linear` and :meth:`cosine`; the discrete
     DDPM table is stored as an array so that the schedule stays a plain pytree.
@@ -108,10 +108,10 @@ class VP(Schedule):
         discrete: bool = False,
         num_train_steps: int = 1000,
     ) -> VP:
-        """Linear :math:`\\beta`: continuous :math:`\\beta(t) = \\beta_{min} + t(\\beta_{max} -
-        \\beta_{min})` (Song et al. 2021), or, with ``discrete=True``, the DDPM table
-        :math:`\\beta_n` linear from 1e-4 to 0.02 over ``num_train_steps`` steps (Ho et al. 2020),
-        with :math:`t = n / N` and :math:`\\log\\bar\\alpha` interpolated linearly between steps.
+        r"""Linear :math:`\beta`: continuous :math:`\beta(t) = \beta_{min} + t(\beta_{max} -
+        \beta_{min})` (Song et al. 2021), or, with ``discrete=True``, the DDPM table
+        :math:`\beta_n` linear from 1e-4 to 0.02 over ``num_train_steps`` steps (Ho et al. 2020),
+        with :math:`t = n / N` and :math:`\log\bar\alpha` interpolated linearly between steps.
         """
         if not discrete:
             return cls(kind="linear", beta_min=beta_min, beta_max=beta_max)
@@ -123,9 +123,9 @@ class VP(Schedule):
 
     @classmethod
     def cosine(cls, s: float = 0.008, t_max: float = 0.999) -> VP:
-        """Cosine schedule of Nichol & Dhariwal (2021):
-        :math:`\\bar\\alpha(t) = \\cos^2(\\frac{t + s}{1 + s}\\frac{\\pi}{2}) / \\cos^2(\\frac{s}{1 +
-        s}\\frac{\\pi}{2})`. ``t_max < 1`` keeps :math:`\\alpha(t_{max}) > 0`.
+        r"""Cosine schedule of Nichol & Dhariwal (2021):
+        :math:`\bar\alpha(t) = \cos^2(\frac{t + s}{1 + s}\frac{\pi}{2}) / \cos^2(\frac{s}{1 +
+        s}\frac{\pi}{2})`. ``t_max < 1`` keeps :math:`\alpha(t_{max}) > 0`.
         """
         return cls(kind="cosine", cosine_s=s, t_max=t_max)
 
@@ -137,7 +137,8 @@ class VP(Schedule):
             s = self.cosine_s
             f = jnp.cos((t + s) / (1 + s) * (jnp.pi / 2))
             f0 = math.cos(s / (1 + s) * (math.pi / 2))
-            return jnp.log(jnp.maximum(f, 1e-20)) - math.log(f0)
+            # clamp at 0: in float32 the ratio can round above 1 near t = 0
+            return jnp.minimum(jnp.log(jnp.maximum(f, 1e-20)) - math.log(f0), 0.0)
         table = self.log_alpha_table
         num = table.shape[0] - 1
         return jnp.interp(t * num, jnp.arange(num + 1, dtype=jnp.float32), table)
@@ -148,8 +149,8 @@ class VP(Schedule):
 
 
 class VE(Schedule):
-    """Variance-exploding schedule (Song et al. 2021): :math:`\\alpha = 1`,
-    :math:`\\sigma(t) = \\sigma_{min} (\\sigma_{max} / \\sigma_{min})^t`.
+    r"""Variance-exploding schedule (Song et al. 2021): :math:`\alpha = 1`,
+    :math:`\sigma(t) = \sigma_{min} (\sigma_{max} / \sigma_{min})^t`.
     """
 
     sigma_min: float = eqx.field(static=True, default=0.01)
@@ -171,9 +172,9 @@ class VE(Schedule):
 
 
 class EDM(Schedule):
-    """EDM noise levels (Karras et al. 2022): :math:`\\alpha = 1`,
-    :math:`\\sigma(t) = (\\sigma_{min}^{1/\\rho} + t(\\sigma_{max}^{1/\\rho} -
-    \\sigma_{min}^{1/\\rho}))^\\rho`, so that a uniform grid in ``t`` is EDM's rho spacing.
+    r"""EDM noise levels (Karras et al. 2022): :math:`\alpha = 1`,
+    :math:`\sigma(t) = (\sigma_{min}^{1/\rho} + t(\sigma_{max}^{1/\rho} -
+    \sigma_{min}^{1/\rho}))^\rho`, so that a uniform grid in ``t`` is EDM's rho spacing.
     """
 
     sigma_min: float = eqx.field(static=True, default=0.002)

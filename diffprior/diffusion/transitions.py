@@ -1,17 +1,17 @@
-"""The reverse transition shared by every sampler: one DDPM/DDIM step from ``t`` to ``s < t``.
+r"""The reverse transition shared by every sampler: one DDPM/DDIM step from ``t`` to ``s < t``.
 
-Given :math:`\\hat x_0` at :math:`(x_t, t)` and :math:`\\hat\\varepsilon = (x_t - \\alpha_t \\hat
-x_0)/\\sigma_t`, the step of Song et al. (DDIM, 2021, eq. 12) is
+Given :math:`\hat x_0` at :math:`(x_t, t)` and :math:`\hat\varepsilon = (x_t - \alpha_t \hat
+x_0)/\sigma_t`, the step of Song et al. (DDIM, 2021, eq. 12) is
 
 .. math::
-    x_s \\sim N\\big(\\alpha_s \\hat x_0 + \\sqrt{\\sigma_s^2 - c^2}\\, \\hat\\varepsilon,\\; c^2 I\\big),
-    \\qquad c^2 = \\eta^2\\, \\tilde\\sigma^2_{s|t},
-    \\qquad \\tilde\\sigma^2_{s|t} = \\frac{\\sigma_s^2}{\\sigma_t^2}\\Big(\\sigma_t^2 -
-    \\frac{\\alpha_t^2}{\\alpha_s^2}\\sigma_s^2\\Big).
+    x_s \sim N\big(\alpha_s \hat x_0 + \sqrt{\sigma_s^2 - c^2}\, \hat\varepsilon,\; c^2 I\big),
+    \qquad c^2 = \eta^2\, \tilde\sigma^2_{s|t},
+    \qquad \tilde\sigma^2_{s|t} = \frac{\sigma_s^2}{\sigma_t^2}\Big(\sigma_t^2 -
+    \frac{\alpha_t^2}{\alpha_s^2}\sigma_s^2\Big).
 
 ``eta = 1`` is DDPM's ancestral step (the mean equals the DDPM posterior mean of
-:math:`q(x_s \\mid x_t, \\hat x_0)`), ``eta = 0`` the deterministic DDIM step. The mean is affine in
-:math:`\\hat x_0` at fixed :math:`x_t`; guidance enters by shifting :math:`\\hat x_0` (see
+:math:`q(x_s \mid x_t, \hat x_0)`), ``eta = 0`` the deterministic DDIM step. The mean is affine in
+:math:`\hat x_0` at fixed :math:`x_t`; guidance enters by shifting :math:`\hat x_0` (see
 :func:`guided_x0`), so every method uses this one formula.
 """
 
@@ -36,7 +36,7 @@ __all__ = [
 
 
 class Transition(NamedTuple):
-    """A Gaussian reverse transition :math:`N(\\text{mean}, \\text{variance}\\, I)`.
+    r"""A Gaussian reverse transition :math:`N(\text{mean}, \text{variance}\, I)`.
 
     mean
         Shaped like ``x_t``.
@@ -110,10 +110,10 @@ def reverse_transition(
 
 
 def guided_x0(schedule: Schedule, x0_hat: Array, guidance: Array, t: ArrayLike) -> Array:
-    """:math:`\\hat x_0` after adding ``guidance`` :math:`g` to the score at time ``t``.
+    r""":math:`\hat x_0` after adding ``guidance`` :math:`g` to the score at time ``t``.
 
-    By Tweedie, :math:`\\hat x_0 = (x_t + \\sigma_t^2 \\nabla \\log p_t(x_t)) / \\alpha_t`, so a
-    score :math:`\\nabla \\log p_t + g` gives :math:`\\hat x_0 + \\sigma_t^2 g / \\alpha_t`. Feeding
+    By Tweedie, :math:`\hat x_0 = (x_t + \sigma_t^2 \nabla \log p_t(x_t)) / \alpha_t`, so a
+    score :math:`\nabla \log p_t + g` gives :math:`\hat x_0 + \sigma_t^2 g / \alpha_t`. Feeding
     the result to :func:`reverse_transition` is the conditional (guided) step of TDS and FK.
     """
     t = jnp.asarray(t, dtype=jnp.float32)

@@ -205,6 +205,7 @@ class Sampler:
         """
         rng_key = _as_key(rng_key)
         obs = read_model(self.method.model, args, kwargs)
+        self.method.check(obs)
         self._obs = obs
         dynamic, static = eqx.partition((args, kwargs), eqx.is_array)
         if self.progress_bar:
@@ -244,7 +245,7 @@ class Sampler:
 
     @property
     def log_evidence(self) -> jax.Array | None:
-        """``(num_chains,)`` estimates of :math:`\\log p(y)`; ``None`` for methods without one."""
+        r"""``(num_chains,)`` estimates of :math:`\log p(y)`; ``None`` for methods without one."""
         result = self._require_result()
         return result["log_evidence"] if self.method.is_smc else None
 

@@ -1,15 +1,15 @@
-"""Diffusion Posterior Sampling (Chung, Kim, Mccann, Klasky & Ye, ICLR 2023, arXiv 2209.14687,
+r"""Diffusion Posterior Sampling (Chung, Kim, Mccann, Klasky & Ye, ICLR 2023, arXiv 2209.14687,
 Algorithm 1).
 
 Each particle takes the unguided reverse step from :math:`x_t` and then a gradient step on the
 likelihood at the denoiser's estimate, differentiated through the network:
 
 .. math::
-    x_s = \\mu(x_t, \\hat x_0) + c\\, z + \\zeta_t \\nabla_{x_t} \\log p(y \\mid \\hat x_0(x_t)).
+    x_s = \mu(x_t, \hat x_0) + c\, z + \zeta_t \nabla_{x_t} \log p(y \mid \hat x_0(x_t)).
 
 With ``normalize=True`` the step is the paper's for Gaussian noise,
-:math:`-\\zeta\\, \\nabla_{x_t} \\lVert y - A(\\hat x_0) \\rVert^2 / \\lVert y - A(\\hat x_0)
-\\rVert`, the norm taken per particle (``residual_fn`` gives :math:`y - A(\\hat x_0)`); it uses
+:math:`-\zeta\, \nabla_{x_t} \lVert y - A(\hat x_0) \rVert^2 / \lVert y - A(\hat x_0)
+\rVert`, the norm taken per particle (``residual_fn`` gives :math:`y - A(\hat x_0)`); it uses
 the observation's mean only, so the noise model does not enter. The default steps along the
 gradient of whatever likelihood the model has (Gaussian, Student-t, Poisson, ...).
 DPS is approximate: particles are independent, with equal weights.
@@ -52,8 +52,8 @@ class DPSState(NamedTuple):
 
 
 class DPSInfo(NamedTuple):
-    """log_likelihood: :math:`\\log p(y \\mid \\hat x_0)` per particle before the step;
-    step_size: the guidance step :math:`\\zeta_t` per particle."""
+    r"""log_likelihood: :math:`\log p(y \mid \hat x_0)` per particle before the step;
+    step_size: the guidance step :math:`\zeta_t` per particle."""
 
     log_likelihood: Array
     step_size: Array

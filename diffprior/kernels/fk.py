@@ -1,23 +1,23 @@
-"""Feynman-Kac steering (Singhal, Horvitz, Teehan, Ren, Yu, Cho & Ranganath, 2025,
+r"""Feynman-Kac steering (Singhal, Horvitz, Teehan, Ren, Yu, Cho & Ranganath, 2025,
 arXiv 2501.06848).
 
 Particles follow a proposal (the prior's reverse step, or the guided step of TDS) and are
-reweighted by potentials built from a reward :math:`r_t = r(\\hat x_0(x_t))` scaled by
-:math:`\\lambda`, so that the final particles target
-:math:`p(x_0) \\exp(\\lambda\\, r(x_0)) / Z`. With the reward
-:math:`r = \\log p(y \\mid \\cdot)` and :math:`\\lambda = 1` that is the posterior and
+reweighted by potentials built from a reward :math:`r_t = r(\hat x_0(x_t))` scaled by
+:math:`\lambda`, so that the final particles target
+:math:`p(x_0) \exp(\lambda\, r(x_0)) / Z`. With the reward
+:math:`r = \log p(y \mid \cdot)` and :math:`\lambda = 1` that is the posterior and
 :math:`Z = p(y)`. Potentials (paper, section 3):
 
-- ``"difference"``: :math:`G_t = \\exp(\\lambda (r_t - r_{t+1}))`, which telescopes; with the
+- ``"difference"``: :math:`G_t = \exp(\lambda (r_t - r_{t+1}))`, which telescopes; with the
   guided proposal this is exactly TDS (:mod:`diffprior.kernels.tds` is built on this module);
-- ``"max"``: :math:`G_t = \\exp(\\lambda \\max_{u \\ge t} r_u)`;
-- ``"sum"``: :math:`G_t = \\exp(\\lambda \\sum_{u \\ge t} r_u)`.
+- ``"max"``: :math:`G_t = \exp(\lambda \max_{u \ge t} r_u)`;
+- ``"sum"``: :math:`G_t = \exp(\lambda \sum_{u \ge t} r_u)`.
 
 Whatever the potential, the last step multiplies by
-:math:`\\exp(\\lambda r_0) / \\prod_{t > 0} G_t` along each particle's ancestry, so the product
-of potentials is always :math:`\\exp(\\lambda r(x_0))` and the sampler stays consistent, with an
+:math:`\exp(\lambda r_0) / \prod_{t > 0} G_t` along each particle's ancestry, so the product
+of potentials is always :math:`\exp(\lambda r(x_0))` and the sampler stays consistent, with an
 unbiased estimate of :math:`Z`. A guided proposal adds the transition ratio
-:math:`p(x_s \\mid x_t) / q(x_s \\mid x_t)` to each weight. Resampling happens at steps that
+:math:`p(x_s \mid x_t) / q(x_s \mid x_t)` to each weight. Resampling happens at steps that
 are multiples of ``resample_every`` when the ESS is below ``ess_threshold`` times the number of
 particles.
 
@@ -64,24 +64,24 @@ PROPOSALS = ("prior", "guided")
 
 
 class FKState(NamedTuple):
-    """What the next step needs.
+    r"""What the next step needs.
 
     particles
         ``(N, *event_shape)`` particles :math:`x_t`.
     log_weights
         ``(N,)`` normalised log-weights.
     log_evidence
-        Running :math:`\\log \\hat Z`.
+        Running :math:`\log \hat Z`.
     step
         Index of the current time in the grid.
     reward
-        ``(N,)`` reward :math:`r_t` at the particles (before :math:`\\lambda`).
+        ``(N,)`` reward :math:`r_t` at the particles (before :math:`\lambda`).
     grad
-        ``(N, *event_shape)`` :math:`\\nabla_{x_t} r_t` (zero for the prior proposal).
+        ``(N, *event_shape)`` :math:`\nabla_{x_t} r_t` (zero for the prior proposal).
     x0_hat
         ``(N, *event_shape)`` the denoiser's estimate at the particles.
     log_potential_product
-        ``(N,)`` :math:`\\sum \\log G` along each particle's ancestry so far.
+        ``(N,)`` :math:`\sum \log G` along each particle's ancestry so far.
     running_reward
         ``(N,)`` the running max or sum of rewards (``"max"`` / ``"sum"`` potentials).
     """
@@ -124,7 +124,7 @@ def init(
     lam: ArrayLike = 1.0,
     proposal: str = "guided",
 ) -> FKState:
-    """Weight reference draws at ``timesteps[0]`` by :math:`G = \\exp(\\lambda r)`."""
+    r"""Weight reference draws at ``timesteps[0]`` by :math:`G = \exp(\lambda r)`."""
     potential = _evaluate(denoiser, reward_fn, particles, timesteps[0], proposal == "guided")
     log_potential = lam * potential.log_potential
     update = smc.initial_weights(log_potential)
@@ -188,9 +188,7 @@ def build_kernel(
         t, s = timesteps[state.step], timesteps[state.step + 1]
         num_particles = state.particles.shape[0]
 
-        decision = smc.maybe_resample(
-            resample_key, state.log_weights, ess_threshold, resample_fn
-        )
+        decision = smc.maybe_resample(resample_key, state.log_weights, ess_threshold, resample_fn)
         if resample_every > 1:
             # only at multiples of the interval: otherwise keep every particle
             allowed = state.step % resample_every == 0
@@ -276,7 +274,7 @@ def as_top_level_api(
     resample_every: int = 1,
     resampling: str = "systematic",
 ) -> SamplingAlgorithm:
-    """FK steering as a ``SamplingAlgorithm(init, step)``.
+    r"""FK steering as a ``SamplingAlgorithm(init, step)``.
 
     Parameters
     ----------
@@ -290,7 +288,7 @@ def as_top_level_api(
     potential, proposal
         See the module docstring.
     lam
-        :math:`\\lambda`, the reward's inverse temperature.
+        :math:`\lambda`, the reward's inverse temperature.
     eta, scale
         DDIM stochasticity; weight of the reward gradient in the guided proposal.
     ess_threshold, resample_every, resampling

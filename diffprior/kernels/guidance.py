@@ -1,10 +1,10 @@
-"""Likelihood at the denoiser's estimate, and its gradient through the network: the quantity
+r"""Likelihood at the denoiser's estimate, and its gradient through the network: the quantity
 that DPS steps along and that TDS and FK use as a twisting potential.
 
-.. math::  \\log \\tilde p_t(y \\mid x_t) = \\log p(y \\mid \\hat x_0(x_t, t)),
+.. math::  \log \tilde p_t(y \mid x_t) = \log p(y \mid \hat x_0(x_t, t)),
 
-with :math:`\\hat x_0` from :class:`diffprior.Denoiser` (Tweedie). At ``t = 0`` the particle is
-clean, so :math:`\\hat x_0 = x_0` and the potential is the exact likelihood.
+with :math:`\hat x_0` from :class:`diffprior.Denoiser` (Tweedie). At ``t = 0`` the particle is
+clean, so :math:`\hat x_0 = x_0` and the potential is the exact likelihood.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ _T_CLEAN = 1e-6
 
 
 class Potential(NamedTuple):
-    """Value and gradient of the potential at one particle.
+    r"""Value and gradient of the potential at one particle.
 
     log_potential
-        :math:`\\log p(y \\mid \\hat x_0(x_t))`, ``-inf`` where not finite.
+        :math:`\log p(y \mid \hat x_0(x_t))`, ``-inf`` where not finite.
     grad
         Its gradient with respect to :math:`x_t` (zero where not finite).
     x0_hat
-        The denoiser's estimate :math:`\\hat x_0(x_t)` (:math:`x_t` itself at ``t = 0``).
+        The denoiser's estimate :math:`\hat x_0(x_t)` (:math:`x_t` itself at ``t = 0``).
     """
 
     log_potential: Array
@@ -46,8 +46,8 @@ class Potential(NamedTuple):
 def potential_and_grad(
     denoiser: Denoiser, twist_fn: TwistFn, x_t: Array, t: ArrayLike
 ) -> Potential:
-    """One network value-and-gradient: :math:`\\log p(y \\mid \\hat x_0(x_t))` and
-    :math:`\\nabla_{x_t}` of it, for one particle."""
+    r"""One network value-and-gradient: :math:`\log p(y \mid \hat x_0(x_t))` and
+    :math:`\nabla_{x_t}` of it, for one particle."""
     t = jnp.asarray(t, dtype=jnp.float32)
     clean = t <= _T_CLEAN
 
@@ -63,9 +63,7 @@ def potential_and_grad(
     return Potential(value, grad, x0_hat)
 
 
-def potential_value(
-    denoiser: Denoiser, twist_fn: TwistFn, x_t: Array, t: ArrayLike
-) -> Potential:
+def potential_value(denoiser: Denoiser, twist_fn: TwistFn, x_t: Array, t: ArrayLike) -> Potential:
     """As :func:`potential_and_grad` without the gradient (one forward pass; ``grad`` is
     zero), for methods whose proposal does not use it."""
     t = jnp.asarray(t, dtype=jnp.float32)

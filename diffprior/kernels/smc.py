@@ -1,17 +1,17 @@
-"""Particle bookkeeping shared by every SMC kernel: log-weights, adaptive resampling and the
+r"""Particle bookkeeping shared by every SMC kernel: log-weights, adaptive resampling and the
 running log-evidence.
 
-The weights are kept normalised in log space, :math:`\\sum_i e^{\\ell_i} = 1`. A step with
+The weights are kept normalised in log space, :math:`\sum_i e^{\ell_i} = 1`. A step with
 incremental log-weights :math:`g_i` (a transition ratio times a potential ratio) does
 
 .. math::
-    \\log \\hat Z \\mathrel{+}= \\log \\sum_i e^{\\ell_i + g_i}, \\qquad
-    \\ell_i \\leftarrow \\ell_i + g_i - \\log \\sum_j e^{\\ell_j + g_j}.
+    \log \hat Z \mathrel{+}= \log \sum_i e^{\ell_i + g_i}, \qquad
+    \ell_i \leftarrow \ell_i + g_i - \log \sum_j e^{\ell_j + g_j}.
 
-Resampling replaces :math:`\\ell` by :math:`-\\log N` and leaves :math:`\\hat Z` alone. Because
+Resampling replaces :math:`\ell` by :math:`-\log N` and leaves :math:`\hat Z` alone. Because
 the increment is weighted by the *current* normalised weights (not by :math:`1/N`), the
 estimate stays unbiased whether one resamples every step, adaptively when
-:math:`\\mathrm{ESS}/N` falls below a threshold, or never (then it is importance sampling on
+:math:`\mathrm{ESS}/N` falls below a threshold, or never (then it is importance sampling on
 paths). The initial potential and the final exact-likelihood correction are increments like
 any other.
 
@@ -73,12 +73,12 @@ def ess(log_weights: Array) -> Array:
 
 
 class WeightUpdate(NamedTuple):
-    """Result of :func:`reweight`.
+    r"""Result of :func:`reweight`.
 
     log_weights
         New normalised log-weights ``(N,)``.
     log_evidence_increment
-        :math:`\\log \\sum_i e^{\\ell_i + g_i}`; ``-inf`` when every particle got weight zero.
+        :math:`\log \sum_i e^{\ell_i + g_i}`; ``-inf`` when every particle got weight zero.
     degenerate
         True when every incremental weight was zero or not finite; the weights are then reset
         to uniform so that sampling can go on, and the evidence becomes ``-inf``.

@@ -32,7 +32,7 @@ Examples
 >>> state, info = tds.step(jax.random.key(1), state)
 >>> state.particles.shape, info.ess.shape
 ((64, 2), ())
-"""
+r"""
 
 from __future__ import annotations
 
@@ -56,9 +56,7 @@ TDSState = fk.FKState
 TDSInfo = fk.FKInfo
 
 
-def init(
-    particles: Array, denoiser: Denoiser, twist_fn: TwistFn, timesteps: Array
-) -> TDSState:
+def init(particles: Array, denoiser: Denoiser, twist_fn: TwistFn, timesteps: Array) -> TDSState:
     """Weight particles drawn from the reference at ``timesteps[0]`` by the first twist."""
     return fk.init(particles, denoiser, twist_fn, timesteps, lam=1.0, proposal="guided")
 

@@ -1,5 +1,5 @@
-"""Plain reverse diffusion (the seed's first algorithm): each particle follows the reverse
-DDPM/DDIM step with the denoiser's :math:`\\hat x_0`, ignoring the observation.
+r"""Plain reverse diffusion (the seed's first algorithm): each particle follows the reverse
+DDPM/DDIM step with the denoiser's :math:`\hat x_0`, ignoring the observation.
 
 Examples
 --------

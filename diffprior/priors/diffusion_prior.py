@@ -19,12 +19,12 @@ __all__ = ["DiffusionPrior"]
 
 
 class DiffusionPrior(dist.Distribution):
-    """The distribution of a diffusion model's samples, usable as a NumPyro prior.
+    r"""The distribution of a diffusion model's samples, usable as a NumPyro prior.
 
     ``sample`` runs reverse diffusion (``num_steps`` steps on a ``spacing`` grid, DDIM
     stochasticity ``eta``: 1 is ancestral DDPM, 0 deterministic DDIM). ``log_prob`` integrates
-    the probability-flow ODE (:meth:`ode_log_prob`): with :math:`y = x/\\alpha_t` and
-    :math:`\\rho = \\sigma_t/\\alpha_t`, the ODE is :math:`dy/d\\rho = \\hat\\varepsilon(\\alpha_t y,
+    the probability-flow ODE (:meth:`ode_log_prob`): with :math:`y = x/\alpha_t` and
+    :math:`\rho = \sigma_t/\alpha_t`, the ODE is :math:`dy/d\rho = \hat\varepsilon(\alpha_t y,
     t)` (Song et al. 2021, DDIM's ODE form), and the log density changes by minus the
     divergence. The divergence is exact (Jacobian trace) for event sizes up to
     ``exact_trace_max_dim`` and otherwise Hutchinson's estimate with ``num_probes`` Rademacher
@@ -39,7 +39,7 @@ class DiffusionPrior(dist.Distribution):
     data_variance
         Per-coordinate variance of the data the network was trained on (1 for standardised
         data); :attr:`variance` reports it, and twisted samplers use it to judge how uncertain
-        :math:`\\hat x_0` is at high noise.
+        :math:`\hat x_0` is at high noise.
 
     Examples
     --------
@@ -164,11 +164,11 @@ class DiffusionPrior(dist.Distribution):
         exact: bool | None = None,
         num_probes: int | None = None,
     ) -> Array:
-        """Log density by the probability-flow ODE (the generic path, used by :meth:`log_prob`).
+        r"""Log density by the probability-flow ODE (the generic path, used by :meth:`log_prob`).
 
-        Fixed-step RK4 in :math:`u = \\log\\rho` from :math:`\\rho = 10^{-3}` (or the schedule's
-        smallest noise level) to ``t_max``, where the reference :math:`N(0, (\\alpha^2 +
-        \\sigma^2) I)` is evaluated. ``exact`` forces the Jacobian trace (True) or Hutchinson
+        Fixed-step RK4 in :math:`u = \log\rho` from :math:`\rho = 10^{-3}` (or the schedule's
+        smallest noise level) to ``t_max``, where the reference :math:`N(0, (\alpha^2 +
+        \sigma^2) I)` is evaluated. ``exact`` forces the Jacobian trace (True) or Hutchinson
         (False); by default exact is used when the event size is at most
         ``exact_trace_max_dim``.
         """

@@ -1,17 +1,17 @@
-"""A Gaussian mixture as a diffusion prior with exact everything: the ground truth of the tests.
+r"""A Gaussian mixture as a diffusion prior with exact everything: the ground truth of the tests.
 
 Components share one orthonormal basis :math:`V` (the identity by default) and have diagonal
-covariances in it, :math:`\\Sigma_k = V \\operatorname{diag}(v_k) V^T`. Under the forward process
+covariances in it, :math:`\Sigma_k = V \operatorname{diag}(v_k) V^T`. Under the forward process
 the noised mixture is again a mixture,
-:math:`p_t(x) = \\sum_k w_k N(x; \\alpha_t \\mu_k, V \\operatorname{diag}(\\alpha_t^2 v_k + \\sigma_t^2)
+:math:`p_t(x) = \sum_k w_k N(x; \alpha_t \mu_k, V \operatorname{diag}(\alpha_t^2 v_k + \sigma_t^2)
 V^T)`, so Tweedie's denoiser is exact at every ``t`` for every schedule:
 
 .. math::
-    E[x_0 \\mid x_t] = \\sum_k r_k(x_t) \\Big(\\mu_k + V \\operatorname{diag}\\Big(\\frac{\\alpha_t
-    v_k}{\\alpha_t^2 v_k + \\sigma_t^2}\\Big) V^T (x_t - \\alpha_t \\mu_k)\\Big),
+    E[x_0 \mid x_t] = \sum_k r_k(x_t) \Big(\mu_k + V \operatorname{diag}\Big(\frac{\alpha_t
+    v_k}{\alpha_t^2 v_k + \sigma_t^2}\Big) V^T (x_t - \alpha_t \mu_k)\Big),
 
 with :math:`r_k` the posterior component probabilities. The posterior of a linear-Gaussian
-observation :math:`y = A x + \\sigma_y \\varepsilon` under isotropic components is again such a
+observation :math:`y = A x + \sigma_y \varepsilon` under isotropic components is again such a
 mixture, in the eigenbasis of :math:`A^T A` (:meth:`GaussianMixture.posterior`).
 """
 
@@ -78,7 +78,7 @@ class _MixtureNet(eqx.Module):
 
 
 class GaussianMixture(DiffusionPrior):
-    """Mixture of Gaussians :math:`\\sum_k w_k N(\\mu_k, s_k^2 I)` with an exact denoiser,
+    r"""Mixture of Gaussians :math:`\sum_k w_k N(\mu_k, s_k^2 I)` with an exact denoiser,
     exact ``sample`` and ``log_prob``, and the exact posterior and evidence of linear-Gaussian
     observations.
 
@@ -249,8 +249,8 @@ class GaussianMixture(DiffusionPrior):
         return self.marginal_log_prob(value, None)
 
     def marginal_log_prob(self, value: ArrayLike, t: ArrayLike | None) -> Array:
-        """Exact log density of the noised marginal :math:`p_t` (``t=None``: the clean
-        mixture, even for schedules whose :math:`\\sigma(0) > 0`)."""
+        r"""Exact log density of the noised marginal :math:`p_t` (``t=None``: the clean
+        mixture, even for schedules whose :math:`\sigma(0) > 0`)."""
         value = jnp.asarray(value, dtype=jnp.float32)
         net = self._net
         if t is None:
@@ -303,18 +303,18 @@ class GaussianMixture(DiffusionPrior):
         return net.log_weights + log_norm
 
     def log_evidence(self, A: ArrayLike, sigma_y: ArrayLike, y: ArrayLike) -> Array:
-        """Exact :math:`\\log p(y)` for :math:`y = A x + \\sigma_y \\varepsilon`, :math:`x` from
+        r"""Exact :math:`\log p(y)` for :math:`y = A x + \sigma_y \varepsilon`, :math:`x` from
         this mixture."""
         A, sigma_y, y = self._check_problem(A, sigma_y, y)
         return logsumexp(self._evidence_terms(A, sigma_y, y))
 
     def posterior(self, A: ArrayLike, sigma_y: ArrayLike, y: ArrayLike) -> GaussianMixture:
-        """The exact posterior :math:`p(x \\mid y)` of :math:`y = A x + \\sigma_y \\varepsilon`.
+        r"""The exact posterior :math:`p(x \mid y)` of :math:`y = A x + \sigma_y \varepsilon`.
 
-        Component :math:`k` has precision :math:`I/s_k^2 + A^T A/\\sigma_y^2`, diagonal in the
+        Component :math:`k` has precision :math:`I/s_k^2 + A^T A/\sigma_y^2`, diagonal in the
         eigenbasis :math:`V` of :math:`A^T A` (right singular vectors of :math:`A`), mean
-        :math:`\\Sigma_k(\\mu_k/s_k^2 + A^T y/\\sigma_y^2)` and weight proportional to
-        :math:`w_k N(y; A\\mu_k, s_k^2 A A^T + \\sigma_y^2 I)`. The result keeps this mixture's
+        :math:`\Sigma_k(\mu_k/s_k^2 + A^T y/\sigma_y^2)` and weight proportional to
+        :math:`w_k N(y; A\mu_k, s_k^2 A A^T + \sigma_y^2 I)`. The result keeps this mixture's
         schedule, so it is itself a diffusion prior with an exact denoiser.
         """
         A, sigma_y, y = self._check_problem(A, sigma_y, y)

@@ -63,8 +63,8 @@ def tds_image():
     return sampler
 
 
-def _samples(sampler, key, **kwargs):
-    sampler.run(key, **kwargs)
+def _samples(sampler, key, *args, **kwargs):
+    sampler.run(key, *args, **kwargs)
     return np.asarray(sampler.get_samples()["x"])
 
 
@@ -127,6 +127,7 @@ def test_sequential_chains_match_vectorized(tds_image):
 # -- compilation cache and progress bar -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_progress_bar_and_recompilation_on_new_shapes(capfd):
     """Each run draws a fresh tqdm bar on stderr (also from the cached program); new observation
     shapes compile a second program, new values do not."""
@@ -154,32 +155,35 @@ def test_progress_bar_and_recompilation_on_new_shapes(capfd):
 
 # -- bad input fails before sampling --------------------------------------------------------------
 
-GAUSSIAN = dp.problems.gaussian_problem(jax.random.key(0), 2, 1)
+
+@pytest.fixture(scope="module")
+def gaussian():
+    return dp.problems.gaussian_problem(jax.random.key(0), 2, 1)
 
 
 @pytest.mark.parametrize("name", ["num_particles", "num_steps", "num_chains"])
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "8"])
-def test_bad_counts_raise(name, value):
+def test_bad_counts_raise(name, value, gaussian):
     with pytest.raises((TypeError, ValueError), match=name):
-        _sampler(dp.TDS(GAUSSIAN.model), **{name: value})
+        _sampler(dp.TDS(gaussian.model), **{name: value})
 
 
-def test_bad_chain_method_raises():
+def test_bad_chain_method_raises(gaussian):
     with pytest.raises(ValueError, match="chain_method") as info:
-        _sampler(dp.TDS(GAUSSIAN.model), chain_method="bogus")
+        _sampler(dp.TDS(gaussian.model), chain_method="bogus")
     assert "bogus" in str(info.value) and "vectorized" in str(info.value)
 
 
-def test_method_must_be_a_method():
+def test_method_must_be_a_method(gaussian):
     with pytest.raises(TypeError, match="dp.TDS"):
-        _sampler(GAUSSIAN.model)
+        _sampler(gaussian.model)
 
 
-def test_unknown_method_option_raises():
+def test_unknown_method_option_raises(gaussian):
     with pytest.raises(TypeError, match="bogus"):
-        dp.TDS(GAUSSIAN.model, bogus=1)
+        dp.TDS(gaussian.model, bogus=1)
     with pytest.raises(TypeError, match="bogus"):
-        dp.DPS(GAUSSIAN.model, bogus=1)
+        dp.DPS(gaussian.model, bogus=1)
 
 
 @pytest.mark.parametrize(
@@ -196,9 +200,9 @@ def test_unknown_method_option_raises():
         (dp.Unguided, "eta", 2),
     ],
 )
-def test_bad_option_values_raise(method, option, value):
+def test_bad_option_values_raise(method, option, value, gaussian):
     with pytest.raises(ValueError, match=option):
-        method(GAUSSIAN.model, **{option: value})
+        method(gaussian.model, **{option: value})
 
 
 def _run_fails(model, error, match, *args, **kwargs):
@@ -218,18 +222,18 @@ def test_model_without_diffusion_prior_raises():
     _run_fails(model, ModelError, "DiffusionPrior", y=1.0)
 
 
-def test_nan_in_y_raises_naming_the_site():
-    y = GAUSSIAN.y.at[0].set(jnp.nan)
-    _run_fails(GAUSSIAN.model, ModelError, "'y'.*NaN", *GAUSSIAN.model_args, y=y)
+def test_nan_in_y_raises_naming_the_site(gaussian):
+    y = gaussian.y.at[0].set(jnp.nan)
+    _run_fails(gaussian.model, ModelError, "'y'.*NaN", *gaussian.model_args, y=y)
 
 
-def test_y_shape_mismatch_raises_naming_the_shapes():
+def test_y_shape_mismatch_raises_naming_the_shapes(gaussian):
     y = jnp.zeros(3)
-    _run_fails(GAUSSIAN.model, ModelError, r"'y'.*\(3,\).*\(1,\)", *GAUSSIAN.model_args, y=y)
+    _run_fails(gaussian.model, ModelError, r"'y'.*\(3,\).*\(1,\)", *gaussian.model_args, y=y)
 
 
-def test_results_before_run_raise():
-    sampler = _sampler(dp.TDS(GAUSSIAN.model))
+def test_results_before_run_raise(gaussian):
+    sampler = _sampler(dp.TDS(gaussian.model))
     with pytest.raises(RuntimeError, match="run"):
         sampler.get_samples()
     with pytest.raises(RuntimeError, match="run"):
@@ -240,30 +244,37 @@ def test_results_before_run_raise():
 
 # -- statistics ---------------------------------------------------------------------------------
 
-MIXTURE = dp.problems.mixture_problem(jax.random.key(2), 2, 1)
-PRIOR_CHAINS, PRIOR_PARTICLES, PRIOR_STEPS = 2, 2048, 20
+
+@pytest.fixture(scope="module")
+def mixture():
+    return dp.problems.mixture_problem(jax.random.key(2), 2, 1)
+
+
+# 500 steps: the DDPM discretisation bias of the variance (~15% at 20 steps, ~1% here) is
+# below the Monte Carlo error of 16384 draws
+PRIOR_CHAINS, PRIOR_PARTICLES, PRIOR_STEPS = 2, 8192, 500
 
 
 @pytest.fixture(scope="module")
-def unguided_mixture():
+def unguided_mixture(mixture):
     sampler = dp.Sampler(
-        dp.Unguided(MIXTURE.model),
+        dp.Unguided(mixture.model),
         num_particles=PRIOR_PARTICLES,
         num_steps=PRIOR_STEPS,
         num_chains=PRIOR_CHAINS,
         progress_bar=False,
     )
-    sampler.run(jax.random.key(0), *MIXTURE.model_args, **MIXTURE.model_kwargs)
+    sampler.run(jax.random.key(0), *mixture.model_args, **mixture.model_kwargs)
     return sampler
 
 
-def test_unguided_samples_the_prior(unguided_mixture):
-    """Mean and variance of 4096 unguided draws from the 25-component mixture match the exact
+def test_unguided_samples_the_prior(unguided_mixture, mixture):
+    """Mean and variance of 16384 unguided draws from the 25-component mixture match the exact
     ones within 5 standard errors (the variance's from the sample fourth moment)."""
     x = np.asarray(unguided_mixture.get_samples()["x"], np.float64)
     n = x.shape[0]
     assert unguided_mixture.log_evidence is None
-    prior = MIXTURE.prior
+    prior = mixture.prior
     exact_mean, exact_var = np.asarray(prior.mean), np.asarray(prior.variance)
     mean_error = np.abs(x.mean(0) - exact_mean)
     np.testing.assert_array_less(mean_error, 5 * np.sqrt(exact_var / n))
@@ -272,9 +283,10 @@ def test_unguided_samples_the_prior(unguided_mixture):
     np.testing.assert_array_less(np.abs(x.var(0) - exact_var), 5 * var_se)
 
 
-def test_parallel_chains_run_and_match_vectorized(unguided_mixture):
+@pytest.mark.slow
+def test_parallel_chains_run_and_match_vectorized(unguided_mixture, mixture):
     parallel = dp.Sampler(
-        dp.Unguided(MIXTURE.model),
+        dp.Unguided(mixture.model),
         num_particles=PRIOR_PARTICLES,
         num_steps=PRIOR_STEPS,
         num_chains=PRIOR_CHAINS,
@@ -282,10 +294,10 @@ def test_parallel_chains_run_and_match_vectorized(unguided_mixture):
         progress_bar=False,
     )
     key = jax.random.key(6)
-    samples = _samples(parallel, key, *MIXTURE.model_args, **MIXTURE.model_kwargs)
-    reference = _samples(unguided_mixture, key, *MIXTURE.model_args, **MIXTURE.model_kwargs)
+    samples = _samples(parallel, key, *mixture.model_args, **mixture.model_kwargs)
+    reference = _samples(unguided_mixture, key, *mixture.model_args, **mixture.model_kwargs)
     assert samples.shape == (PRIOR_CHAINS * PRIOR_PARTICLES, 2)
-    np.testing.assert_allclose(samples, reference, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(samples, reference, rtol=1e-4, atol=1e-3)
 
 
 def _student_t_model(prior):
@@ -296,7 +308,9 @@ def _student_t_model(prior):
     return model
 
 
-@pytest.mark.parametrize("likelihood", ["normal", "student-t"])
+@pytest.mark.parametrize(
+    "likelihood", ["normal", pytest.param("student-t", marks=pytest.mark.slow)]
+)
 def test_dps_is_finite_and_has_no_evidence(likelihood):
     problem = dp.problems.mixture_problem(jax.random.key(0), 4, 2)
     if likelihood == "normal":
@@ -310,20 +324,21 @@ def test_dps_is_finite_and_has_no_evidence(likelihood):
     assert sampler.log_evidence is None
 
 
-def test_nan_likelihood_warns_and_keeps_samples_finite():
+@pytest.mark.slow
+def test_nan_likelihood_warns_and_keeps_samples_finite(gaussian):
     """A likelihood that is NaN for every particle gives zero weight everywhere: the sampler
     warns, naming the degenerate steps (all of them here), and returns finite samples with a
     log-evidence of -inf."""
     num_chains, num_steps = 3, 5
 
     def model(A, sigma_y, y=None):
-        x = numpyro.sample("x", GAUSSIAN.prior)
+        x = numpyro.sample("x", gaussian.prior)
         numpyro.sample("y", dist.Normal(A @ x, sigma_y).to_event(1), obs=y)
         numpyro.factor("broken", jnp.nan * jnp.sum(x))
 
     sampler = _sampler(dp.TDS(model), num_chains=num_chains, num_steps=num_steps)
     with pytest.warns(RuntimeWarning, match="zero weight") as record:
-        sampler.run(jax.random.key(0), *GAUSSIAN.model_args, **GAUSSIAN.model_kwargs)
+        sampler.run(jax.random.key(0), *gaussian.model_args, **gaussian.model_kwargs)
     samples = np.asarray(sampler.get_samples()["x"])
     assert np.all(np.isfinite(samples))
     assert np.all(np.asarray(sampler.log_evidence) == -np.inf)
@@ -350,16 +365,18 @@ def test_tds_student_t_with_huge_df_agrees_with_gaussian():
     num_chains, num_particles, num_steps = 8, 256, 40
     settings = dict(num_particles=num_particles, num_steps=num_steps, num_chains=num_chains)
 
-    gaussian = _sampler(dp.TDS(problem.model), **settings)
-    gaussian.run(jax.random.key(0), *problem.model_args, **problem.model_kwargs)
-    student = _sampler(dp.TDS(_student_t_model(problem.prior)), **settings)
-    student.run(jax.random.key(1), *problem.model_args, jnp.float32(4.0), **problem.model_kwargs)
-    assert np.all(np.isfinite(np.asarray(student.get_samples()["x"])))
-    assert np.all(np.isfinite(np.asarray(student.log_evidence)))
+    gaussian_tds = _sampler(dp.TDS(problem.model), **settings)
+    gaussian_tds.run(jax.random.key(0), *problem.model_args, **problem.model_kwargs)
+    student_tds = _sampler(dp.TDS(_student_t_model(problem.prior)), **settings)
+    student_tds.run(
+        jax.random.key(1), *problem.model_args, jnp.float32(4.0), **problem.model_kwargs
+    )
+    assert np.all(np.isfinite(np.asarray(student_tds.get_samples()["x"])))
+    assert np.all(np.isfinite(np.asarray(student_tds.log_evidence)))
 
     df = 1e6
-    student.run(jax.random.key(1), *problem.model_args, jnp.float32(df), **problem.model_kwargs)
-    assert student.num_compilations == 1  # df is an array input, not a new program
+    student_tds.run(jax.random.key(1), *problem.model_args, jnp.float32(df), **problem.model_kwargs)
+    assert student_tds.num_compilations == 1  # df is an array input, not a new program
 
     def chain_means(sampler):
         return np.asarray(sampler.get_samples(group_by_chain=True)["x"], np.float64).mean(1)
@@ -369,7 +386,7 @@ def test_tds_student_t_with_huge_df_agrees_with_gaussian():
         error = np.sqrt(a.var(0, ddof=1) / len(a) + b.var(0, ddof=1) / len(b))
         return a.mean(0) - b.mean(0), error
 
-    difference, error = difference_and_error(chain_means(student), chain_means(gaussian))
+    difference, error = difference_and_error(chain_means(student_tds), chain_means(gaussian_tds))
     np.testing.assert_array_less(np.abs(difference), 5 * error + 1e-3)
 
     sigma_y = problem.sigma_y
@@ -377,11 +394,11 @@ def test_tds_student_t_with_huge_df_agrees_with_gaussian():
         dist.StudentT(df, 0.0, sigma_y).log_prob(0.0) - dist.Normal(0.0, sigma_y).log_prob(0.0)
     )
     difference, error = difference_and_error(
-        np.asarray(student.log_evidence) - offset, gaussian.log_evidence
+        np.asarray(student_tds.log_evidence) - offset, gaussian_tds.log_evidence
     )
     assert abs(difference) < 5 * error + 1e-3, (difference, error, offset)
     exact = float(problem.log_evidence)
-    assert abs(np.mean(np.asarray(gaussian.log_evidence)) - exact) < 0.5
+    assert abs(np.mean(np.asarray(gaussian_tds.log_evidence)) - exact) < 0.5
 
 
 def test_healthy_run_does_not_warn(tds_image):

@@ -1,5 +1,10 @@
 """GaussianMixture: its exact denoiser is E[x_0 | x_t], its score is the gradient of the exact
-noised log density, and its sampler and log density are those of the mixture."""
+noised log density, and its sampler and log density are those of the mixture.
+
+The exact denoiser sees the schedule only through (alpha_t, sigma_t), and times are chosen by
+log-SNR, so two schedules cover it: VP linear (alpha < 1) and EDM (alpha = 1, sigma up to 80);
+the schedules themselves are checked in ``tests/diffusion/test_schedules.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SCHEDULES
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import diffprior as dp
+
+LOG_SNRS = (2.0, 0.0, -2.0)
 
 
 def rotated_mixture(schedule=None) -> dp.GaussianMixture:
@@ -25,9 +33,11 @@ def rotated_mixture(schedule=None) -> dp.GaussianMixture:
     )
 
 
-@pytest.fixture(params=["grid", "rotated"])
-def mixture(request, grid_mixture, schedule):
-    if request.param == "grid":
+@pytest.fixture(params=[("grid", "vp_linear"), ("rotated", "edm")], ids=lambda p: "-".join(p))
+def mixture(request, grid_mixture):
+    kind, schedule_name = request.param
+    schedule = SCHEDULES[schedule_name]()
+    if kind == "grid":
         return grid_mixture(2, schedule=schedule)
     return rotated_mixture(schedule)
 
@@ -40,71 +50,96 @@ def dense_components(gmm):
     return np.asarray(gmm.weights, np.float64), np.asarray(gmm.means, np.float64), covs
 
 
-@pytest.mark.parametrize("log_snr", [2.0, 0.0, -2.0])
-def test_exact_x0_matches_importance_sampling(mixture, log_snr):
-    """E[x_0 | x_t] by self-normalised importance sampling: x_0^i from the prior, weights
-    N(x_t; alpha x_0^i, sigma^2 I). The delta-method standard error of the ratio estimate is
-    sqrt(sum w_i^2 (x_0^i - mu)^2) / sum w_i; each coordinate must be within 4.5 of them
-    (30 comparisons per test: a false alarm has probability < 1e-4)."""
-    schedule = mixture.schedule
-    t = schedule.t_from_log_snr(log_snr)
-    alpha_t, sigma_t = float(schedule.alpha(t)), float(schedule.sigma(t))
-    num_samples = 200_000
-    key_prior, key_x0, key_noise = jax.random.split(jax.random.key(0), 3)
-    prior = np.asarray(mixture.sample(key_prior, (num_samples,)), np.float64)
-    x0_true = mixture.sample(key_x0, (4,))
-    x_t = alpha_t * x0_true + sigma_t * jax.random.normal(key_noise, x0_true.shape)
-    # plus a point between the components, where the responsibilities are mixed
-    x_t = jnp.concatenate([x_t, alpha_t * jnp.asarray(mixture.mean)[None]], axis=0)
-    exact = np.asarray(jax.vmap(mixture.denoiser.x0, in_axes=(0, None))(x_t, t))
-    for point, want in zip(np.asarray(x_t, np.float64), exact, strict=True):
-        log_w = -0.5 * np.sum((point - alpha_t * prior) ** 2, axis=1) / sigma_t**2
-        w = np.exp(log_w - log_w.max())
-        w /= w.sum()
-        ess = 1.0 / np.sum(w**2)
-        assert ess > 500, f"importance sampling too degenerate to test (ESS {ess:.0f})"
-        estimate = w @ prior
-        std_error = np.sqrt(w**2 @ (prior - estimate) ** 2)
-        np.testing.assert_array_less(np.abs(want - estimate), 4.5 * std_error)
+@jax.jit
+def _denoising_problems(gmm, key):
+    """Prior draws, and for each log-SNR: (alpha, sigma), noised points x_t and the exact
+    E[x_0 | x_t] at them."""
+    key_prior, key_x0, key_noise = jax.random.split(key, 3)
+    prior = gmm.sample(key_prior, (200_000,))
+    x0 = gmm.sample(key_x0, (4,))
+    noise = jax.random.normal(key_noise, x0.shape)
+    problems = []
+    for log_snr in LOG_SNRS:
+        t = gmm.schedule.t_from_log_snr(log_snr)
+        alpha_t, sigma_t = gmm.schedule.alpha(t), gmm.schedule.sigma(t)
+        # four noised prior draws plus a point between the components (mixed responsibilities)
+        x_t = jnp.concatenate([alpha_t * x0 + sigma_t * noise, alpha_t * gmm.mean[None]])
+        x0_hat = jax.vmap(gmm.denoiser.x0, in_axes=(0, None))(x_t, t)
+        problems.append((alpha_t, sigma_t, x_t, x0_hat))
+    return prior, problems
 
 
-@pytest.mark.parametrize("t_frac", [0.05, 0.3, 0.7, 1.0])
-def test_score_is_gradient_of_marginal_log_prob(mixture, t_frac):
+def test_exact_x0_matches_importance_sampling(mixture):
+    """E[x_0 | x_t] by self-normalised importance sampling: x_0^i from the prior (200000 draws),
+    weights N(x_t; alpha x_0^i, sigma^2 I). The delta-method standard error of the ratio estimate
+    is sqrt(sum w_i^2 (x_0^i - mu)^2) / sum w_i; every coordinate must be within 4.5 of them
+    (30 comparisons: a false alarm has probability < 1e-4)."""
+    prior, problems = _denoising_problems(mixture, jax.random.key(0))
+    prior = np.asarray(prior, np.float64)
+    for alpha_t, sigma_t, x_t, x0_hat in problems:
+        alpha_t, sigma_t = float(alpha_t), float(sigma_t)
+        for point, exact in zip(np.asarray(x_t, np.float64), np.asarray(x0_hat), strict=True):
+            log_w = -0.5 * np.sum((point - alpha_t * prior) ** 2, axis=1) / sigma_t**2
+            w = np.exp(log_w - log_w.max())
+            w /= w.sum()
+            ess = 1.0 / np.sum(w**2)
+            assert ess > 500, f"importance sampling too degenerate to test (ESS {ess:.0f})"
+            estimate = w @ prior
+            std_error = np.sqrt(w**2 @ (prior - estimate) ** 2)
+            np.testing.assert_array_less(np.abs(exact - estimate), 4.5 * std_error)
+
+
+def test_score_is_gradient_of_marginal_log_prob(mixture):
     schedule = mixture.schedule
-    t = jnp.float32(t_frac * schedule.t_max)
-    alpha_t, sigma_t = schedule.alpha(t), schedule.sigma(t)
-    x0 = mixture.sample(jax.random.key(1), (8,))
-    x_t = alpha_t * x0 + sigma_t * jax.random.normal(jax.random.key(2), x0.shape)
-    grad = jax.vmap(jax.grad(lambda x: mixture.marginal_log_prob(x, t)))(x_t)
-    score = jax.vmap(mixture.denoiser.score, in_axes=(0, None))(x_t, t)
-    # the score is -(x_t - alpha x0_hat) / sigma^2: float32 cancellation ~1e-6 |x_t| / sigma^2
-    atol = 1e-6 * (float(jnp.max(jnp.abs(x_t))) + 1.0) / float(sigma_t) ** 2
-    np.testing.assert_allclose(score, grad, rtol=1e-3, atol=atol)
+    times = jnp.array([0.05, 0.3, 0.7, 1.0]) * schedule.t_max
+
+    @jax.jit
+    def score_and_grad(gmm, t):
+        alpha_t, sigma_t = schedule.alpha(t), schedule.sigma(t)
+        x0 = gmm.sample(jax.random.key(1), (8,))
+        x_t = alpha_t * x0 + sigma_t * jax.random.normal(jax.random.key(2), x0.shape)
+        grad = jax.vmap(jax.grad(lambda x: gmm.marginal_log_prob(x, t)))(x_t)
+        score = jax.vmap(gmm.denoiser.score, in_axes=(0, None))(x_t, t)
+        return x_t, score, grad
+
+    x_t, score, grad = jax.vmap(score_and_grad, in_axes=(None, 0))(mixture, times)
+    for i, t in enumerate(times):
+        # score = -(x_t - alpha x0_hat) / sigma^2: float32 cancellation ~1e-7 |x_t| / sigma^2
+        atol = 1e-6 * (float(jnp.max(jnp.abs(x_t[i]))) + 1.0) / float(schedule.sigma(t)) ** 2
+        np.testing.assert_allclose(score[i], grad[i], rtol=1e-3, atol=atol, err_msg=f"t={t}")
 
 
 def test_marginal_log_prob_is_the_noised_mixture(mixture):
     """p_t = sum_k w_k N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I), evaluated with scipy."""
     weights, means, covs = dense_components(mixture)
     schedule = mixture.schedule
-    x = np.asarray(mixture.sample(jax.random.key(3), (16,)), np.float64)
-    for t in (None, 0.5 * schedule.t_max):
-        alpha_t = 1.0 if t is None else float(schedule.alpha(t))
-        sigma_t = 0.0 if t is None else float(schedule.sigma(t))
+    t = 0.5 * schedule.t_max
+
+    @jax.jit
+    def log_probs(gmm):
+        x = gmm.sample(jax.random.key(3), (16,))
+        return x, gmm.log_prob(x), gmm.marginal_log_prob(x, t)
+
+    x, log_prob, marginal = log_probs(mixture)
+    x = np.asarray(x, np.float64)
+    for got, alpha_t, sigma_t in [
+        (log_prob, 1.0, 0.0),
+        (marginal, float(schedule.alpha(t)), float(schedule.sigma(t))),
+    ]:
         terms = [
             np.log(w)
             + multivariate_normal(alpha_t * m, alpha_t**2 * c + sigma_t**2 * np.eye(2)).logpdf(x)
             for w, m, c in zip(weights, means, covs, strict=True)
         ]
-        want = logsumexp(np.stack(terms), axis=0)
-        got = mixture.log_prob(x) if t is None else mixture.marginal_log_prob(x, t)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(got, logsumexp(np.stack(terms), axis=0), rtol=1e-5, atol=1e-4)
 
 
 def test_sample_moments(grid_mixture):
-    """Exact draws have the mixture's mean and covariance (4.5 standard errors, estimated from
-    the draws themselves)."""
+    """Exact draws have the mixture's weights, mean and covariance (4.5 standard errors,
+    estimated from the draws themselves)."""
     gmm = grid_mixture(3)
-    draws = np.asarray(gmm.sample(jax.random.key(4), (100_000,)), np.float64)
+    draws = jax.jit(lambda g: g.sample(jax.random.key(4), (100_000,)))(gmm)
+    draws = np.asarray(draws, np.float64)
     n = draws.shape[0]
     mean = np.asarray(gmm.mean, np.float64)
     np.testing.assert_array_less(np.abs(draws.mean(0) - mean), 4.5 * draws.std(0) / np.sqrt(n))
@@ -116,16 +151,17 @@ def test_sample_moments(grid_mixture):
     labels = np.argmin(((draws[:, None, :] - np.asarray(gmm.means)) ** 2).sum(-1), axis=1)
     freq = np.bincount(labels, minlength=4) / n
     weights = np.asarray(gmm.weights)
-    np.testing.assert_array_less(np.abs(freq - weights), 4.5 * np.sqrt(weights * (1 - weights) / n))
+    np.testing.assert_array_less(
+        np.abs(freq - weights), 4.5 * np.sqrt(weights * (1 - weights) / n)
+    )
 
 
-def test_sample_shape_and_determinism(grid_mixture):
+def test_sample_and_log_prob_shapes(grid_mixture):
     gmm = grid_mixture(3)
     key = jax.random.key(5)
-    assert gmm.sample(key, (2, 5)).shape == (2, 5, 3)
-    assert gmm.sample(key).shape == (3,)
-    np.testing.assert_array_equal(gmm.sample(key, (7,)), gmm.sample(key, (7,)))
-    assert gmm.log_prob(jnp.zeros((2, 5, 3))).shape == (2, 5)
+    assert jax.eval_shape(lambda k: gmm.sample(k, (2, 5)), key).shape == (2, 5, 3)
+    assert jax.eval_shape(lambda k: gmm.sample(k), key).shape == (3,)
+    assert jax.eval_shape(gmm.log_prob, jnp.zeros((2, 5, 3))).shape == (2, 5)
 
 
 @pytest.mark.parametrize(
