@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     classifier = LogisticRegression(max_iter=5000).fit(
         train_flat, labels[: pretrained.DIGITS_NUM_TRAIN]
     )
-    test_accuracy = float(
-        classifier.score(test_flat, labels[pretrained.DIGITS_NUM_TRAIN :])
-    )
+    test_accuracy = float(classifier.score(test_flat, labels[pretrained.DIGITS_NUM_TRAIN :]))
 
     prior = pretrained.load("digits", num_steps=args.num_steps)
     sample_fn = jax.jit(lambda key: prior.sample(key, (args.num_samples,)))
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Command: `{' '.join(['python', 'benchmarks/digits_quality.py', *(argv or [])])}`",
         "",
-        f"Prior: `diffprior.pretrained.load(\"digits\")`, trained by `{meta['command']}` "
+        f'Prior: `diffprior.pretrained.load("digits")`, trained by `{meta["command"]}` '
         f"({meta['training']['num_steps']} steps, {meta['train_seconds']:.0f} s on "
         f"{meta['trained_on']}); schedule {meta['schedule']}, {meta['parameterization']} "
         "parameterization.",

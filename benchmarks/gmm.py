@@ -116,6 +116,7 @@ def main(argv=None):
         os.makedirs(directory, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
             f.write(text)
+        os.chmod(f.name, 0o644)
         os.replace(f.name, args.out)
     else:
         print(text)

@@ -69,15 +69,56 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
             "(.png) to the output folder."
         ),
     )
+    from diffprior.demo import METHODS as DEMO_METHODS
+    from diffprior.demo import NOISES, TASKS
+
+    parser.add_argument("--task", choices=TASKS, default="inpaint", help="default: inpaint")
+    parser.add_argument("--method", choices=DEMO_METHODS, default="tds", help="default: tds")
+    parser.add_argument(
+        "--noise", choices=NOISES, default="gaussian", help="noise model (default: gaussian)"
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("results"), help="output folder (default: results/)"
     )
+    parser.add_argument(
+        "--num-particles", type=_positive_int, default=256, help="particles (default: 256)"
+    )
+    parser.add_argument(
+        "--num-steps", type=_positive_int, default=100, help="diffusion steps (default: 100)"
+    )
+    parser.add_argument("--sigma-y", type=float, default=0.1, help="noise scale (default: 0.1)")
+    parser.add_argument(
+        "--digit", type=int, default=0, help="index of the held-out test digit (default: 0)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return _not_available("demo")
+    from diffprior.demo import format_summary, run_demo
+
+    if not args.sigma_y > 0:
+        print(f"diffprior demo: --sigma-y must be > 0, got {args.sigma_y}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_demo(
+            args.task,
+            args.method,
+            args.noise,
+            args.out,
+            num_particles=args.num_particles,
+            num_steps=args.num_steps,
+            sigma_y=args.sigma_y,
+            digit=args.digit,
+            seed=args.seed,
+            progress_bar=not args.no_progress,
+        )
+    except (ValueError, NotImplementedError) as err:
+        print(f"diffprior demo: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
 
 
 # -- sample --------------------------------------------------------------------------------------
@@ -172,6 +213,7 @@ def _atomic_savez(path: Path, **arrays) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
         np.savez(handle, **arrays)
+    os.chmod(handle.name, 0o644)  # temporary files are owner-only
     os.replace(handle.name, path)
 
 

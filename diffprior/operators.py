@@ -675,19 +675,19 @@ class Downsample(LinearOperator):
 
 
 class _FourierSVD(eqx.Module):
-    """The real SVD of a circular convolution on an ``(h, w)`` torus, from its Fourier
-    diagonalization :math:`A = F^* \\operatorname{diag}(\\lambda) F` (:math:`F` the unitary DFT,
-    :math:`\\lambda` the DFT of the embedded kernel).
+    r"""The real SVD of a circular convolution on an ``(h, w)`` torus, from its Fourier
+    diagonalization :math:`A = F^* \operatorname{diag}(\lambda) F` (:math:`F` the unitary DFT,
+    :math:`\lambda` the DFT of the embedded kernel).
 
-    For a real image the unitary DFT :math:`X = F x` is Hermitian, :math:`X_{-k} = \\bar X_k`, so
+    For a real image the unitary DFT :math:`X = F x` is Hermitian, :math:`X_{-k} = \bar X_k`, so
     its real orthonormal coordinates are :math:`X_k` at the self-conjugate frequencies
-    (:math:`k = -k`) and :math:`(\\sqrt 2 \\operatorname{Re} X_k, \\sqrt 2 \\operatorname{Im} X_k)`
-    for one frequency of each pair :math:`\\{k, -k\\}`: these are :math:`V^T x`. Since
-    :math:`Y_k = \\lambda_k X_k = |\\lambda_k| e^{i \\phi_k} X_k`, the same coordinates of
-    :math:`e^{-i\\phi_k} Y_k` are :math:`U^T y` (at self-conjugate frequencies :math:`\\lambda_k`
-    is real and :math:`e^{i\\phi_k} = \\operatorname{sign} \\lambda_k`), and
-    :math:`U^T A x = |\\lambda| \\odot V^T x`. The coordinates are sorted by descending
-    :math:`|\\lambda_k|`; both directions are then one FFT and one or two gathers.
+    (:math:`k = -k`) and :math:`(\sqrt 2 \operatorname{Re} X_k, \sqrt 2 \operatorname{Im} X_k)`
+    for one frequency of each pair :math:`\{k, -k\}`: these are :math:`V^T x`. Since
+    :math:`Y_k = \lambda_k X_k = |\lambda_k| e^{i \phi_k} X_k`, the same coordinates of
+    :math:`e^{-i\phi_k} Y_k` are :math:`U^T y` (at self-conjugate frequencies :math:`\lambda_k`
+    is real and :math:`e^{i\phi_k} = \operatorname{sign} \lambda_k`), and
+    :math:`U^T A x = |\lambda| \odot V^T x`. The coordinates are sorted by descending
+    :math:`|\lambda_k|`; both directions are then one FFT and one or two gathers.
     """
 
     shape: tuple[int, int] = eqx.field(static=True)

@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": command,
         "final_loss_mean_last_100": float(np.mean(losses[-100:])),
         "train_seconds": round(seconds, 1),
-        "trained_on": f"{platform.machine()}, jax {jax.__version__}, "
-        f"{jax.devices()[0].platform}",
+        "trained_on": f"{platform.machine()}, jax {jax.__version__}, {jax.devices()[0].platform}",
         "weights_file": f"{args.name}.eqx",
         "weights_sha256": sha256,
     }

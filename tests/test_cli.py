@@ -46,7 +46,6 @@ def test_no_command_prints_usage_and_fails(capsys):
 @pytest.mark.parametrize(
     "argv",
     [
-        ["demo"],
         ["benchmark"],
     ],
 )

@@ -43,7 +43,7 @@ def _vector_mask():
 
 
 #: Every kind of operator: vectors and images, full rank and rank deficient, wide and tall,
-#: real (symmetric kernel) and complex (asymmetric kernel) Fourier spectra, and transposes.
+#: even and odd image sides and kernels, both blur boundaries, and transposes.
 OPERATORS = {
     "linear_wide": lambda: Linear(_normal(0, (3, 5))),
     "linear_tall": lambda: Linear(_normal(1, (6, 4))),
@@ -72,10 +72,11 @@ def _results(name: str) -> dict[str, np.ndarray]:
     """Everything the tests below check, computed in one compiled call per operator (the
     operator itself is a pytree argument of the jitted function)."""
     A = _operator(name)
-    x = jnp.asarray(_normal(10, A.in_shape), jnp.float32)
-    y = jnp.asarray(_normal(11, A.out_shape), jnp.float32)
-    z = jnp.asarray(_normal(12, (A.in_dim,)), jnp.float32)
-    xs = jnp.asarray(_normal(13, (NUM_BATCH, *A.in_shape)), jnp.float32).at[0].set(x)
+    x = _normal(10, A.in_shape).astype(np.float32)
+    y = _normal(11, A.out_shape).astype(np.float32)
+    z = _normal(12, (A.in_dim,)).astype(np.float32)
+    xs = _normal(13, (NUM_BATCH, *A.in_shape)).astype(np.float32)
+    xs[0] = x
 
     @_jit
     def compute(A, x, y, z, xs):
@@ -114,6 +115,12 @@ def _close(actual, expected, rtol: float = RTOL):
     assert actual.shape == expected.shape
     scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def _dense_pinv(matrix: np.ndarray) -> np.ndarray:
+    """``jnp.linalg.pinv`` of the float32 matrix (same cut of small singular values:
+    ``10 * max(shape) * eps32`` relative), in float64 on the host."""
+    return np.linalg.pinv(matrix, rcond=10 * max(matrix.shape) * np.finfo(np.float32).eps)
 
 
 operator_names = pytest.mark.parametrize("name", list(OPERATORS))
@@ -202,8 +209,7 @@ def test_singular_values_match_dense_svd(name):
 @operator_names
 def test_pinv_matches_dense_pinv(name):
     r = _results(name)
-    expected = np.asarray(jnp.linalg.pinv(jnp.asarray(r["matrix"], jnp.float32)), np.float64)
-    _close(r["pinv_y"].ravel(), expected @ r["y"].ravel(), rtol=5 * RTOL)
+    _close(r["pinv_y"].ravel(), _dense_pinv(r["matrix"]) @ r["y"].ravel(), rtol=5 * RTOL)
 
 
 @operator_names
@@ -219,8 +225,8 @@ def test_vmap_over_x(name):
     np.testing.assert_allclose(
         np.linalg.norm(coords, axis=1), np.linalg.norm(flat, axis=1), rtol=RTOL
     )
-    pinv = np.linalg.pinv(r["matrix"], rcond=10 * max(r["matrix"].shape) * 1.2e-7)
-    _close(pinvs.reshape(NUM_BATCH, -1), flat @ (pinv @ r["matrix"]).T, rtol=5 * RTOL)
+    projection = _dense_pinv(r["matrix"]) @ r["matrix"]
+    _close(pinvs.reshape(NUM_BATCH, -1), flat @ projection.T, rtol=5 * RTOL)
 
 
 @operator_names

@@ -37,6 +37,10 @@ class Schedule(eqx.Module):
 
     t_max: float = eqx.field(static=True, default=1.0, kw_only=True)
 
+    def __check_init__(self):
+        if not 0 < self.t_max <= 1:
+            raise ValueError(f"t_max must be in (0, 1], got {self.t_max}")
+
     def log_alpha(self, t: ArrayLike) -> Array:
         raise NotImplementedError
 
@@ -115,6 +119,8 @@ class VP(Schedule):
         """
         if not discrete:
             return cls(kind="linear", beta_min=beta_min, beta_max=beta_max)
+        if not isinstance(num_train_steps, int) or num_train_steps < 1:
+            raise ValueError(f"num_train_steps must be a positive integer, got {num_train_steps!r}")
         # the table is accumulated in float64 (NumPy) and stored in float32
         betas = np.linspace(1e-4, 0.02, num_train_steps, dtype=np.float64)
         log_alpha_bar = np.concatenate([np.zeros(1), np.cumsum(np.log1p(-betas))])
@@ -134,14 +140,38 @@ class VP(Schedule):
         if self.kind == "linear":
             return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
         if self.kind == "cosine":
-            s = self.cosine_s
-            f = jnp.cos((t + s) / (1 + s) * (jnp.pi / 2))
-            f0 = math.cos(s / (1 + s) * (math.pi / 2))
+            # f(0) by the same float32 operations as f(t), so that alpha(0) is exactly 1;
             # clamp at 0: in float32 the ratio can round above 1 near t = 0
-            return jnp.minimum(jnp.log(jnp.maximum(f, 1e-20)) - math.log(f0), 0.0)
+            log_f = jnp.log(jnp.maximum(self._cosine_f(t), 1e-20))
+            log_f0 = jnp.log(self._cosine_f(jnp.zeros_like(t)))
+            return jnp.minimum(log_f - log_f0, 0.0)
         table = self.log_alpha_table
         num = table.shape[0] - 1
         return jnp.interp(t * num, jnp.arange(num + 1, dtype=jnp.float32), table)
+
+    def _cosine_f(self, t: Array) -> Array:
+        s = self.cosine_s
+        return jnp.cos((t + s) / (1 + s) * (jnp.pi / 2))
+
+    def __check_init__(self):
+        if self.kind not in ("linear", "cosine", "discrete"):
+            raise ValueError(
+                f"VP kind must be 'linear', 'cosine' or 'discrete' (use VP.linear() or "
+                f"VP.cosine()), got {self.kind!r}"
+            )
+        if self.kind == "linear" and not 0 < self.beta_min <= self.beta_max:
+            raise ValueError(
+                f"VP.linear needs 0 < beta_min <= beta_max, got {self.beta_min}, {self.beta_max}"
+            )
+        if self.kind == "cosine" and (self.cosine_s < 0 or self.t_max >= 1):
+            raise ValueError(
+                "VP.cosine needs s >= 0 and t_max < 1 (alpha(1) = 0), got "
+                f"s={self.cosine_s}, t_max={self.t_max}"
+            )
+        if self.kind == "discrete" and (
+            self.log_alpha_table is None or self.log_alpha_table.shape[0] < 2
+        ):
+            raise ValueError("VP.linear(discrete=True) needs num_train_steps >= 1")
 
     def log_sigma(self, t: ArrayLike) -> Array:
         # sigma^2 = 1 - alpha^2, computed stably as -expm1(2 log alpha)

@@ -220,7 +220,7 @@ class Sampler:
         self._result = result
         degenerate = result["per_step"].get("degenerate")
         if degenerate is not None and bool(jnp.any(degenerate)):
-            steps = np.flatnonzero(np.asarray(jnp.any(degenerate, axis=0)))
+            steps = np.flatnonzero(np.asarray(jnp.any(degenerate, axis=1)))
             warnings.warn(
                 f"{self.method.name}: every particle had zero weight at step(s) "
                 f"{steps.tolist()[:10]}; the log-evidence is -inf and the samples are not "

@@ -278,12 +278,15 @@ class GaussianMixture(DiffusionPrior):
             raise ValueError(f"sigma_y must be a scalar, got shape {sigma_y.shape}")
         if not isinstance(sigma_y, jax.core.Tracer) and not float(sigma_y) > 0:
             raise ValueError(f"sigma_y must be positive, got {float(sigma_y)}")
+        if not isinstance(y, jax.core.Tracer) and not np.isfinite(np.asarray(y)).all():
+            bad = int((~np.isfinite(np.asarray(y))).sum())
+            raise ValueError(f"y has {bad} NaN or inf entries; every observation must be finite")
         net = self._net
-        if (
-            net.basis is not None
-            or not isinstance(net.variances, jax.core.Tracer)
-            and not bool(jnp.all(net.variances == net.variances[:, :1]))
-        ):
+        isotropic = net.basis is None
+        if isotropic and not isinstance(net.variances, jax.core.Tracer):
+            variances = np.asarray(net.variances)  # concrete even under jit when captured
+            isotropic = bool(np.all(variances == variances[:, :1]))
+        if not isotropic:
             raise NotImplementedError(
                 "the exact posterior needs isotropic components, N(mu_k, s_k^2 I); this mixture "
                 "has general covariances (is it already a posterior?)"

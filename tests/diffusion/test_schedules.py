@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -140,8 +141,6 @@ def test_edm_uniform_times_give_karras_spacing(num_levels):
 
 
 def test_schedules_pass_through_jit(schedule):
-    import jax
-
     t = jnp.float32(0.3)
     jitted = jax.jit(lambda sched, t: (sched.alpha(t), sched.sigma(t)))(schedule, t)
     np.testing.assert_allclose(jitted, (schedule.alpha(t), schedule.sigma(t)), rtol=1e-6)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from diffprior.diffusion import (
+    Transition,
     guided_x0,
     reverse_transition,
     sample_transition,
@@ -94,8 +95,6 @@ def test_vp_step_to_zero_returns_x0_hat(vp_schedule, eta, t):
 def test_sample_transition_moments():
     """Draws have the transition's mean and variance (4 standard errors, 20000 draws)."""
     mean, variance = jnp.array([1.0, -2.0, 0.5]), jnp.float32(0.3)
-    from diffprior.diffusion import Transition
-
     draws = jax.vmap(lambda k: sample_transition(k, Transition(mean, variance)))(
         jax.random.split(jax.random.key(0), 20_000)
     )
@@ -108,8 +107,6 @@ def test_sample_transition_moments():
 
 
 def test_transition_log_prob_is_isotropic_gaussian():
-    from diffprior.diffusion import Transition
-
     mean, variance = jnp.array([1.0, -2.0, 0.5]), jnp.float32(0.3)
     x = jnp.array([0.2, -1.0, 1.5])
     expected = np.sum(-0.5 * (x - mean) ** 2 / variance - 0.5 * np.log(2 * np.pi * variance))

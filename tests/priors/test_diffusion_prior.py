@@ -10,6 +10,9 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from conftest import grid_mixture_params
+from scipy.special import logsumexp
+from scipy.stats import norm
 
 import diffprior as dp
 
@@ -76,10 +79,6 @@ def test_prior_passes_through_jit():
 
 
 def test_gaussian_mixture_passes_through_jit(grid_mixture):
-    from conftest import grid_mixture_params
-    from scipy.special import logsumexp
-    from scipy.stats import norm
-
     gmm = grid_mixture(2)
     means, weights, scales = grid_mixture_params(2)
     x = np.array([[0.5, -1.0], [2.0, 2.0]])

