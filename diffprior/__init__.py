@@ -3,7 +3,7 @@ twisted sequential Monte Carlo."""
 
 from importlib.metadata import PackageNotFoundError, version
 
-from diffprior import diagnostics, diffusion, kernels, problems, schedules
+from diffprior import diagnostics, diffusion, kernels, operators, pretrained, problems, schedules
 from diffprior.diffusion import Denoiser
 from diffprior.infer import DPS, FK, TDS, DiffPIR, PiGDM, Sampler, Unguided
 from diffprior.priors import DiffusionPrior, GaussianMixture
@@ -18,6 +18,8 @@ __all__ = [
     "diagnostics",
     "diffusion",
     "kernels",
+    "operators",
+    "pretrained",
     "problems",
     "schedules",
     "Sampler",

@@ -28,12 +28,15 @@ PARAMETERIZATIONS = ("eps", "x0", "v", "score")
 
 
 class Denoiser(eqx.Module):
-    """A denoising network with its schedule and parameterization.
+    r"""A denoising network with its schedule and parameterization.
 
     ``local_variance`` (default 0, the usual DDPM step) is the per-coordinate variance of the
     data around its local structure (within a mixture component, say) that :meth:`transition`
     adds back to each reverse step (``data_variance`` of
     :func:`diffprior.diffusion.reverse_transition`).
+
+    ``clip_x0`` (default None) clips :math:`\hat x_0` to ``[-clip_x0, clip_x0]`` (the data range)
+    and recomputes :math:`\hat\varepsilon` from it, as DDPM samplers do for bounded data.
 
     ``net_fn(x, t)`` takes one unbatched ``x`` (the event shape) and a scalar ``t`` in ``[0, 1]``
     and returns an array shaped like ``x``; samplers ``vmap`` it over particles. It may be a plain
@@ -55,6 +58,7 @@ class Denoiser(eqx.Module):
     schedule: Schedule
     parameterization: str = eqx.field(static=True)
     local_variance: float = eqx.field(static=True)
+    clip_x0: float | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -63,6 +67,7 @@ class Denoiser(eqx.Module):
         parameterization: str = "eps",
         *,
         local_variance: float = 0.0,
+        clip_x0: float | None = None,
     ):
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(
@@ -79,6 +84,9 @@ class Denoiser(eqx.Module):
         if not local_variance >= 0:
             raise ValueError(f"local_variance must be >= 0, got {local_variance}")
         self.local_variance = local_variance
+        if clip_x0 is not None and not float(clip_x0) > 0:
+            raise ValueError(f"clip_x0 must be > 0 or None, got {clip_x0}")
+        self.clip_x0 = None if clip_x0 is None else float(clip_x0)
 
     @property
     def net_fn(self) -> Callable[[Array, Array], Array]:
@@ -90,7 +98,14 @@ class Denoiser(eqx.Module):
         x = jnp.asarray(x)
         t = jnp.asarray(t, dtype=jnp.float32)
         out = self.net_fn(x, t)
-        return self.from_output(out, x, t)
+        x0_hat, eps_hat = self.from_output(out, x, t)
+        if self.clip_x0 is not None:
+            # keep x0_hat in the data range (errors of an eps-network are amplified by
+            # 1 / alpha_t at high noise) and make eps_hat consistent with it
+            x0_hat = jnp.clip(x0_hat, -self.clip_x0, self.clip_x0)
+            alpha_t, sigma_t = self.schedule.alpha(t), self.schedule.sigma(t)
+            eps_hat = (x - alpha_t * x0_hat) / sigma_t
+        return x0_hat, eps_hat
 
     def from_output(self, out: Array, x: Array, t: Array) -> tuple[Array, Array]:
         """Convert a network output in this parameterization to ``(x0_hat, eps_hat)``."""

@@ -101,13 +101,16 @@ def build_schedule(config: dict[str, Any]) -> Schedule:
 
 
 def build_net(config: dict[str, Any], key: jax.Array | None = None) -> eqx.Module:
-    """A network skeleton from its metadata record ``{"class": ..., "kwargs": {...}}`` (the
-    weights are random; :func:`load` overwrites them)."""
+    """The network of a metadata record ``{"class": ..., "kwargs": {...}}``, initialised from
+    ``key``; without a key, a skeleton whose arrays are :class:`jax.ShapeDtypeStruct` (no
+    computation; :func:`equinox.tree_deserialise_leaves` fills it)."""
     cls = config.get("class")
     if cls not in _NETS:
         raise ValueError(f"unknown network class {cls!r}; known: {sorted(_NETS)}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config["kwargs"].items()}
-    return _NETS[cls](**kwargs, key=jax.random.key(0) if key is None else key)
+    if key is None:
+        return eqx.filter_eval_shape(lambda: _NETS[cls](**kwargs, key=jax.random.key(0)))
+    return _NETS[cls](**kwargs, key=key)
 
 
 @functools.lru_cache(maxsize=8)
@@ -121,7 +124,12 @@ def _load_denoiser(name: str) -> tuple[Denoiser, str]:
             f"{name}.json (a partial or mismatched install); retrain or reinstall it"
         )
     net = eqx.tree_deserialise_leaves(io.BytesIO(raw), build_net(meta["net"]))
-    denoiser = Denoiser(net, build_schedule(meta["schedule"]), meta["parameterization"])
+    denoiser = Denoiser(
+        net,
+        build_schedule(meta["schedule"]),
+        meta["parameterization"],
+        clip_x0=meta.get("clip_x0", 1.0),  # the shipped data are scaled to [-1, 1]
+    )
     return denoiser, json.dumps(meta)
 
 
