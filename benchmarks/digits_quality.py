@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{meta['trained_on']}); schedule {meta['schedule']}, {meta['parameterization']} "
         "parameterization.",
         f"{args.num_samples} unconditional samples, {args.num_steps} ancestral steps (eta = 1, "
-        f"uniform grid), seed {args.seed}: {seconds:.1f} s (compiled) on {platform.machine()}, "
+        f"uniform grid, x0_hat clipped to +-{prior.denoiser.clip_x0} as load() sets it), seed "
+        f"{args.seed}: {seconds:.1f} s (compiled) on {platform.machine()}, "
         f"{os.cpu_count()} cores, jax {jax.__version__}, {jax.devices()[0].platform}.",
         f"Classifier: scikit-learn LogisticRegression on the 1500 training images (labels), "
         f"test accuracy {test_accuracy:.3f}. NN distance: Euclidean in the [-1, 1] pixel scale "
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
             "w", dir=directory, prefix=".tmp-", suffix=".md", delete=False
         ) as f:
             f.write(text)
+        umask = os.umask(0)  # NamedTemporaryFile is private (0600); use open()'s mode
+        os.umask(umask)
+        os.chmod(f.name, 0o666 & ~umask)
         os.replace(f.name, args.out)
 
 

@@ -138,6 +138,10 @@ def save_atomically(path: str | os.PathLike, tree: ArrayTree) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             eqx.tree_serialise_leaves(f, tree)
+        # mkstemp creates the file private (0600); give it the mode a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -200,7 +204,7 @@ def train[Net: eqx.Module](
     data = jnp.asarray(data, dtype=jnp.float32)
     if data.ndim < 2 or data.shape[0] < 1:
         raise ValueError(f"data must have shape (n, *event_shape) with n >= 1, got {data.shape}")
-    if not bool(jnp.all(jnp.isfinite(data))):
+    if not np.all(np.isfinite(np.asarray(data))):
         raise ValueError("data contains NaN or inf")
     for name, value in (
         ("num_steps", num_steps),
@@ -217,48 +221,19 @@ def train[Net: eqx.Module](
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
     Denoiser(net, schedule, parameterization)  # fails early on a bad parameterization
 
+    settings = _Settings(
+        parameterization=parameterization,
+        t_min=float(t_min),
+        batch_size=batch_size,
+        num_steps=num_steps,
+        learning_rate=float(learning_rate),
+        warmup_steps=warmup_steps,
+        weight_decay=float(weight_decay),
+        ema_decay=ema_decay,
+    )
     params, static = eqx.partition(net, eqx.is_inexact_array)
-    optimizer = make_optimizer(
-        num_steps, learning_rate, warmup_steps=warmup_steps, weight_decay=weight_decay
-    )
-    state = TrainState(
-        params=params,
-        ema_params=params,
-        opt_state=optimizer.init(params),
-        step=jnp.zeros((), jnp.int32),
-    )
-
-    def loss_fn(params, x0, key):
-        return dsm_loss(eqx.combine(params, static), x0, key, schedule, parameterization, t_min)
-
-    def one_step(state: TrainState, key: PRNGKey, data: Array) -> tuple[TrainState, Array]:
-        batch_key, loss_key = jax.random.split(key)
-        idx = jax.random.randint(batch_key, (batch_size,), 0, data.shape[0])
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, data[idx], loss_key)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        step = state.step + 1
-        if ema_decay > 0:
-            k = step.astype(jnp.float32)
-            decay = jnp.minimum(ema_decay, (1.0 + k) / (10.0 + k))
-            ema_params = jax.tree.map(
-                lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
-            )
-        else:
-            ema_params = params
-        return TrainState(params, ema_params, opt_state, step), loss
-
-    @eqx.filter_jit
-    def run_chunk(state, keys, data):
-        if keys.shape[0] == 1:
-            state, loss = one_step(state, keys[0], data)
-            return state, loss[None]
-        return jax.lax.scan(lambda s, k: one_step(s, k, data), state, keys)
-
-    def current_net():
-        return eqx.combine(state.ema_params, static)
-
-    keys = jax.random.split(jax.random.key(seed), num_steps)
+    state = _init_state(params, settings)
+    base_key = jax.random.key(seed)
     losses = np.empty(num_steps, np.float32)
     bar = None
     if progress_bar:
@@ -271,14 +246,16 @@ def train[Net: eqx.Module](
         while done < num_steps:
             # full chunks share one compilation; a short last chunk compiles once more
             size = min(steps_per_call, num_steps - done)
-            state, chunk_losses = run_chunk(state, keys[done : done + size], data)
+            state, chunk_losses = _run_steps(
+                state, static, schedule, data, base_key, jnp.int32(done), size, settings
+            )
             losses[done : done + size] = np.asarray(chunk_losses)
             done += size
             if bar is not None:
                 bar.update(size)
                 bar.set_postfix(loss=f"{float(np.mean(losses[done - size : done])):.4f}")
             if checkpoint_path is not None and (done >= next_checkpoint or done == num_steps):
-                save_atomically(checkpoint_path, current_net())
+                save_atomically(checkpoint_path, eqx.combine(state.ema_params, static))
                 next_checkpoint = (done // checkpoint_every + 1) * checkpoint_every
     finally:
         if bar is not None:
@@ -287,4 +264,74 @@ def train[Net: eqx.Module](
         raise FloatingPointError(
             "training diverged: the last loss is not finite; lower learning_rate"
         )
-    return current_net(), losses
+    return eqx.combine(state.ema_params, static), losses
+
+
+class _Settings(NamedTuple):
+    # hashable, so that the jitted functions below are compiled once per network structure
+    # and settings, not once per call of `train`
+    parameterization: str
+    t_min: float
+    batch_size: int
+    num_steps: int
+    learning_rate: float
+    warmup_steps: int | None
+    weight_decay: float
+    ema_decay: float
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return make_optimizer(
+            self.num_steps,
+            self.learning_rate,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+        )
+
+
+@eqx.filter_jit
+def _init_state(params: ArrayTree, settings: _Settings) -> TrainState:
+    return TrainState(
+        params=params,
+        ema_params=params,
+        opt_state=settings.optimizer().init(params),
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def _one_step(state, static, schedule, data, key, settings: _Settings):
+    batch_key, loss_key = jax.random.split(key)
+    idx = jax.random.randint(batch_key, (settings.batch_size,), 0, data.shape[0])
+
+    def loss_fn(params):
+        net = eqx.combine(params, static)
+        return dsm_loss(
+            net, data[idx], loss_key, schedule, settings.parameterization, settings.t_min
+        )
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = settings.optimizer().update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    if settings.ema_decay > 0:
+        k = step.astype(jnp.float32)
+        decay = jnp.minimum(settings.ema_decay, (1.0 + k) / (10.0 + k))
+        ema_params = jax.tree.map(
+            lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
+        )
+    else:
+        ema_params = params
+    return TrainState(params, ema_params, opt_state, step), loss
+
+
+@eqx.filter_jit
+def _run_steps(state, static, schedule, data, base_key, start, size: int, settings: _Settings):
+    # step k uses fold_in(key(seed), k): the draws do not depend on how steps are chunked
+    keys = jax.vmap(lambda k: jax.random.fold_in(base_key, k))(start + jnp.arange(size))
+    if size == 1:
+        state, loss = _one_step(state, static, schedule, data, keys[0], settings)
+        return state, loss[None]
+
+    def body(state, key):
+        return _one_step(state, static, schedule, data, key, settings)
+
+    return jax.lax.scan(body, state, keys)

@@ -42,6 +42,9 @@ def write_json_atomically(path: str, record: dict) -> None:
     ) as f:
         json.dump(record, f, indent=2)
         f.write("\n")
+    umask = os.umask(0)  # NamedTemporaryFile is private (0600); use open()'s mode
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)
     os.replace(f.name, path)
 
 
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         help="where NAME.eqx and NAME.json go (default: the diffprior.pretrained package)",
     )
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="linear")
-    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--channels", type=int, nargs="+", default=[32, 48])
     parser.add_argument("--blocks-per-level", type=int, default=1)
     parser.add_argument("--num-steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         "data_variance": float(np.mean(np.var(train_images, axis=0))),
         "data_variance_note": "mean over the 64 pixels of the per-pixel variance of the "
         "training images (scaled), for DiffusionPrior(data_variance=...)",
+        "clip_x0": 1.0,
+        "clip_x0_note": "the data lie in [-1, 1]: load() builds Denoiser(..., clip_x0=1.0)",
         "prior_options": {"num_steps": 100},
         "training": training,
         "seed": args.seed,

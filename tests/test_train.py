@@ -29,46 +29,29 @@ def _net(seed=0):
 
 SETTINGS = dict(num_steps=150, batch_size=64, learning_rate=3e-3, steps_per_call=50)
 
+held_out_loss = eqx.filter_jit(dsm_loss)
+
 
 def test_training_reduces_the_loss_and_improves_the_denoiser():
     data = _toy_data()
     sched = dp.schedules.VP.linear()
     net0 = _net()
-    net, losses = train(net0, data, sched, "eps", seed=0, progress_bar=False, **SETTINGS)
+    net, losses = train(net0, data, sched, "eps", progress_bar=False, **SETTINGS)
     assert losses.shape == (SETTINGS["num_steps"],)
     assert np.all(np.isfinite(losses))
     assert losses[-50:].mean() < 0.7 * losses[:10].mean()
     # on fresh noise the trained (EMA) network beats the initial one
     x0 = _toy_data(1024)
     key = jax.random.key(7)
-    before = float(dsm_loss(net0, x0, key, sched))
-    after = float(dsm_loss(net, x0, key, sched))
+    before = float(held_out_loss(net0, x0, key, sched))
+    after = float(held_out_loss(net, x0, key, sched))
     assert after < 0.8 * before
-
-
-@pytest.mark.parametrize("parameterization", ["x0", "v", "score"])
-def test_other_parameterizations_train(parameterization):
-    data = _toy_data()
-    _, losses = train(
-        _net(),
-        data,
-        dp.schedules.VP.cosine(),
-        parameterization,
-        num_steps=60,
-        batch_size=64,
-        learning_rate=3e-3,
-        steps_per_call=30,
-        t_min=0.05,
-        progress_bar=False,
-    )
-    assert np.all(np.isfinite(losses))
-    assert losses[-20:].mean() < losses[:5].mean()
 
 
 def test_same_seed_same_result_other_seed_differs():
     data = _toy_data()
     sched = dp.schedules.VP.linear()
-    kwargs = dict(SETTINGS, num_steps=40, steps_per_call=20, progress_bar=False)
+    kwargs = dict(SETTINGS, progress_bar=False)  # the settings of the test above: no recompile
     net_a, losses_a = train(_net(), data, sched, seed=3, **kwargs)
     net_b, losses_b = train(_net(), data, sched, seed=3, **kwargs)
     _, losses_c = train(_net(), data, sched, seed=4, **kwargs)
@@ -95,14 +78,12 @@ def test_checkpoint_is_written_atomically_and_reloads(tmp_path, monkeypatch):
         _net(),
         _toy_data(),
         dp.schedules.VP.linear(),
-        num_steps=40,
-        batch_size=32,
-        steps_per_call=10,
         checkpoint_path=path,
-        checkpoint_every=20,
+        checkpoint_every=100,
         progress_bar=False,
+        **SETTINGS,
     )
-    assert len(replaced) == 2  # steps 20 and 40
+    assert len(replaced) == 2  # after steps 100 and 150 (the end)
     assert sorted(os.listdir(path.parent)) == ["net.eqx"]  # no temporary file left behind
     reloaded = eqx.tree_deserialise_leaves(path, _net(seed=1))
     for a, b in zip(jax.tree.leaves(net), jax.tree.leaves(reloaded), strict=True):

@@ -47,12 +47,14 @@ def conv2d(x: Array, weight: Array, stride: int = 1) -> Array:
     """``'same'``-padded 2-d convolution of one channels-last image ``(h, w, c_in)`` with a
     ``(k, k, c_in, c_out)`` kernel (odd ``k``), keeping every ``stride``-th output.
 
-    Values come from XLA's convolution, derivatives with respect to ``x`` from the equal
-    im2col matrix product. Why: inside loops (``lax.scan`` over diffusion steps, as every
-    sampler runs) XLA's CPU backend computes the transposed convolution of reverse-mode
-    autodiff, and any channels-first convolution, five to ten times slower than outside,
-    whereas matrix products and channels-last convolutions run at full speed in both places.
-    Guided samplers differentiate the denoiser with respect to ``x`` at every step.
+    Values (and derivatives with respect to the kernel, used by training) come from XLA's
+    convolution; derivatives with respect to ``x`` from the equal im2col matrix product. Why:
+    inside loops (``lax.scan`` over diffusion steps, as every sampler runs) XLA's CPU backend
+    computes the transposed convolution that reverse-mode autodiff emits for the ``x``
+    gradient five to ten times slower than outside (the same holds for channels-first
+    convolutions, hence channels-last throughout), while matrix products and channels-last
+    convolutions run at full speed in both places. Guided samplers differentiate the denoiser
+    with respect to ``x`` at every step.
     """
     return _conv_lax(x, weight, stride)
 

@@ -3,6 +3,8 @@ time."""
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -73,11 +75,13 @@ def test_shapes_vmap_jit_and_time_dependence(name, request):
     out = batched(net, x, t)
     assert out.shape == x.shape
     assert bool(jnp.all(jnp.isfinite(out)))
-    # one example unbatched and unjitted agrees with the batched, jitted call
-    np.testing.assert_allclose(np.asarray(net(x[1], t[1])), np.asarray(out[1]), atol=1e-4)
-    # the same x at two times gives different outputs
-    same_x = batched(net, jnp.stack([x[0], x[0]]), jnp.array([0.1, 0.9]))
-    assert float(jnp.max(jnp.abs(same_x[0] - same_x[1]))) > 1e-3
+    # each example is processed on its own: reordering the batch reorders the output
+    # (same shapes, so no second compilation)
+    reordered = batched(net, x[::-1], t[::-1])
+    np.testing.assert_allclose(np.asarray(reordered[::-1]), np.asarray(out), atol=1e-5)
+    # the same x at different times gives different outputs
+    same_x = batched(net, jnp.broadcast_to(x[0], x.shape), t)
+    assert float(jnp.min(jnp.max(jnp.abs(same_x[1:] - same_x[:-1]), axis=-1))) > 1e-3
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -98,16 +102,14 @@ def test_conv2d_derivatives_match_xla_convolution(stride):
     def ours(x, weight):
         return jnp.sum(jnp.sin(conv2d(x, weight, stride)))
 
+    @functools.partial(jax.jit, static_argnums=0)
+    def derivatives(fn):
+        return jax.grad(fn, (0, 1))(x, weight), jax.jacfwd(fn)(x, weight)
+
     for got, want in zip(
-        jax.grad(ours, (0, 1))(x, weight), jax.grad(reference, (0, 1))(x, weight), strict=True
+        jax.tree.leaves(derivatives(ours)), jax.tree.leaves(derivatives(reference)), strict=True
     ):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(
-        np.asarray(jax.jacfwd(ours)(x, weight)),
-        np.asarray(jax.jacfwd(reference)(x, weight)),
-        rtol=1e-4,
-        atol=1e-4,
-    )
 
 
 def _skeleton(**kwargs):
