@@ -5,8 +5,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from diffprior import diagnostics, diffusion, kernels, operators, pretrained, problems, schedules
 from diffprior.diffusion import Denoiser
-from diffprior.infer import DPS, FK, TDS, DiffPIR, PiGDM, Sampler, Unguided
-from diffprior.priors import DiffusionPrior, GaussianMixture
+from diffprior.infer import DPS, FK, TDS, DiffPIR, MCGdiff, PiGDM, ReSample, Sampler, Unguided
+from diffprior.priors import DiffusionPrior, GaussianMixture, LatentDiffusionPrior
 
 try:
     __version__ = version("diffprior")
@@ -29,7 +29,10 @@ __all__ = [
     "FK",
     "PiGDM",
     "DiffPIR",
+    "MCGdiff",
+    "ReSample",
     "Denoiser",
     "DiffusionPrior",
+    "LatentDiffusionPrior",
     "GaussianMixture",
 ]

@@ -4,6 +4,10 @@ A test digit (never trained on) is degraded by a forward operator and noise, the
 written as an ordinary NumPyro model, its posterior is sampled, and the result is summarised,
 saved as an ArviZ DataTree and drawn. ``diffprior demo`` runs it from the command line.
 
+The prior is the pixel-space ``"digits"`` prior, except for ReSample, a latent-diffusion method,
+which runs on the ``"digits-latent"`` prior (:data:`PRIORS`); both were trained on the same
+images and return 8 x 8 images.
+
 Examples
 --------
 >>> from diffprior.demo import run_demo
@@ -28,11 +32,13 @@ import numpyro.distributions as dist
 import diffprior as dp
 from diffprior import operators
 
-__all__ = ["TASKS", "METHODS", "NOISES", "make_problem", "run_demo"]
+__all__ = ["TASKS", "METHODS", "NOISES", "PRIORS", "make_problem", "run_demo"]
 
 TASKS = ("inpaint", "deblur", "superres")
 METHODS = ("tds", "dps", "pigdm", "diffpir", "fk", "resample")
 NOISES = ("gaussian", "student-t")
+#: The shipped prior each method runs on (``"digits"`` for the others).
+PRIORS = {"resample": "digits-latent"}
 _STUDENT_DF = 4.0
 
 
@@ -45,8 +51,11 @@ def _operator(task: str):
     return operators.Downsample(2, shape)
 
 
-def make_problem(task: str, noise: str, sigma_y: float, digit: int, seed: int):
-    """The degraded observation of test digit ``digit``: ``(truth, A, y, model)``."""
+def make_problem(
+    task: str, noise: str, sigma_y: float, digit: int, seed: int, prior: str = "digits"
+):
+    """The degraded observation of test digit ``digit``: ``(truth, A, y, model)``, with the
+    shipped prior named ``prior`` at the model's site ``"x"``."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if noise not in NOISES:
@@ -62,7 +71,7 @@ def make_problem(task: str, noise: str, sigma_y: float, digit: int, seed: int):
         y = clean + sigma_y * jax.random.normal(key, clean.shape)
     else:
         y = clean + sigma_y * jax.random.t(key, _STUDENT_DF, clean.shape)
-    prior = dp.pretrained.load("digits")
+    prior = dp.pretrained.load(prior)
     event_dims = len(clean.shape)
 
     def model(y=None):
@@ -77,17 +86,13 @@ def make_problem(task: str, noise: str, sigma_y: float, digit: int, seed: int):
 
 
 def _method(name: str, model):
-    if name == "resample":
-        raise NotImplementedError(
-            "--method resample needs the latent digits prior, which this version does not ship "
-            f"yet; choose one of {[m for m in METHODS if m != 'resample']}"
-        )
     return {
         "tds": dp.TDS,
         "dps": dp.DPS,
         "pigdm": dp.PiGDM,
         "diffpir": dp.DiffPIR,
         "fk": dp.FK,
+        "resample": dp.ReSample,
     }[name](model)
 
 
@@ -158,10 +163,11 @@ def run_demo(
     progress_bar: bool = True,
 ) -> dict[str, Any]:
     """Run the demo and return its summary; writes ``out/posterior.nc`` and
-    ``out/posterior.png`` (each atomically)."""
+    ``out/posterior.png`` (each atomically). The prior is ``PRIORS.get(method, "digits")``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    truth, A, y, model = make_problem(task, noise, sigma_y, digit, seed)
+    prior = PRIORS.get(method, "digits")
+    truth, A, y, model = make_problem(task, noise, sigma_y, digit, seed, prior)
     sampler = dp.Sampler(
         _method(method, model),
         num_particles=num_particles,
@@ -179,6 +185,7 @@ def run_demo(
     summary: dict[str, Any] = {
         "task": task,
         "method": method,
+        "prior": prior,
         "noise": noise,
         "digit": digit,
         "psnr": float(10 * np.log10(4.0 / np.mean((mean - truth_np) ** 2))),
@@ -193,7 +200,10 @@ def run_demo(
         summary["log_evidence"] = float(np.mean(np.asarray(sampler.log_evidence)))
     out = Path(out)
     _atomic_write(out / "posterior.nc", lambda name: idata.to_netcdf(name, engine="h5netcdf"))
-    title = f"{task}, {noise} noise (sigma_y={sigma_y}), {method}: PSNR {summary['psnr']:.1f} dB"
+    title = (
+        f"{task}, {noise} noise (sigma_y={sigma_y}), {method} on {prior}: "
+        f"PSNR {summary['psnr']:.1f} dB"
+    )
     _figure(out / "posterior.png", truth_np, _observation_image(task, A, y), samples, title)
     summary["files"] = [str(out / "posterior.nc"), str(out / "posterior.png")]
     return summary
@@ -202,8 +212,8 @@ def run_demo(
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as the lines ``diffprior demo`` prints."""
     lines = [
-        f"task {summary['task']}, method {summary['method']}, noise {summary['noise']}, "
-        f"test digit {summary['digit']}",
+        f"task {summary['task']}, method {summary['method']} (prior {summary['prior']}), "
+        f"noise {summary['noise']}, test digit {summary['digit']}",
         f"posterior-mean PSNR     {summary['psnr']:.2f} dB",
         f"mean pixel std          {summary['mean_pixel_std']:.3f}",
         f"90% interval coverage   {summary['coverage_90']:.3f}",

@@ -33,6 +33,7 @@ Other likelihoods are left unchanged.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -157,6 +158,10 @@ class ObservationModel:
     fixed_sites
         Observed sites whose density does not depend on ``x`` (typically latents fixed with
         ``numpyro.handlers.condition``): constants in ``x``, left out of every term here.
+    decode
+        ``None``, or (for the model returned by :meth:`in_latent_space`) the prior's decoder:
+        the methods then take a latent ``z`` of shape :attr:`event_shape` (the prior's
+        ``latent_shape``) and evaluate the model at ``x = decode(z)``.
     """
 
     def __init__(
@@ -179,6 +184,7 @@ class ObservationModel:
         self.observed = observed
         self.likelihood_sites = tuple(observed if likelihood_sites is None else likelihood_sites)
         self.fixed_sites = tuple(fixed_sites)
+        self.decode: Callable[[Array], Array] | None = None
         self.observed_flat = jnp.concatenate(
             [jnp.zeros((0,), jnp.result_type(float))]
             + [jnp.ravel(value).astype(jnp.result_type(float)) for value in observed.values()]
@@ -186,19 +192,38 @@ class ObservationModel:
 
     def __repr__(self) -> str:
         sites = ", ".join(f"{name}{_shape_str(v.shape)}" for name, v in self.observed.items())
+        latent = ", latent" if self.decode is not None else ""
         return (
             f"ObservationModel(prior_site={self.prior_site!r}, "
-            f"event_shape={self.event_shape}, observed=[{sites}])"
+            f"event_shape={self.event_shape}{latent}, observed=[{sites}])"
         )
 
+    def in_latent_space(self) -> ObservationModel:
+        r"""This likelihood as a function of the prior's latent :math:`z`,
+        :math:`\log p(y \mid x = D(z))` with :math:`D` the prior's ``decode``: a copy whose
+        :attr:`event_shape` is the prior's ``latent_shape`` (what the samplers' particles
+        are). ``self`` for a prior that diffuses ``x`` itself (a plain
+        :class:`~diffprior.DiffusionPrior`, whose ``decode`` is the identity)."""
+        if type(self.prior).decode is DiffusionPrior.decode or self.decode is not None:
+            return self
+        latent = copy.copy(self)
+        latent.event_shape = tuple(self.prior.latent_shape)
+        latent.decode = self.prior.decode
+        return latent
+
     def _conditioned(self, x: ArrayLike, extra_variance: ArrayLike | None) -> Callable:
-        """The model with ``x`` substituted and the prior site hidden from outer handlers."""
+        """The model with ``x`` (or ``decode(x)`` for a latent ``x``) substituted and the prior
+        site hidden from outer handlers."""
         x = jnp.asarray(x)
         if x.shape != self.event_shape:
+            what = "latent z" if self.decode is not None else "x"
+            shape = "latent shape" if self.decode is not None else "event shape"
             raise ValueError(
-                f"site {self.prior_site!r}: x has shape {_shape_str(x.shape)}, but the prior's "
-                f"event shape is {self.event_shape} (vmap over a batch of x)"
+                f"site {self.prior_site!r}: {what} has shape {_shape_str(x.shape)}, but the "
+                f"prior's {shape} is {self.event_shape} (vmap over a batch of {what})"
             )
+        if self.decode is not None:
+            x = self.decode(x)
         model = handlers.substitute(self.model, data={self.prior_site: x})
         if extra_variance is not None:
             model = inflate_variance(model, extra_variance=extra_variance)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import diffprior
@@ -42,19 +43,51 @@ def test_no_command_prints_usage_and_fails(capsys):
     assert "usage: diffprior" in capsys.readouterr().err
 
 
-# A sub-command that gets implemented moves from here to its own test module.
+def test_benchmark_writes_the_table(capsys, tmp_path):
+    out = tmp_path / "gmm.md"
+    argv = ["benchmark", "gmm", "--methods", "mcgdiff", "unguided", "--cells", "8x1"]
+    argv += ["--seeds", "1", "--num-steps", "5", "--particles", "64", "--num-samples", "64"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| mcgdiff | 5 | (8, 1) |" in text
+    assert "| unguided | 5 | (8, 1) |" in text
+    assert "Command: `" in text
+    row = next(line for line in text.splitlines() if line.startswith("| mcgdiff"))
+    ratio = float(row.split("|")[4])
+    assert np.isfinite(ratio) and ratio > 0
+    assert "n/a" in next(line for line in text.splitlines() if line.startswith("| unguided"))
+
+
+@pytest.mark.slow
+def test_benchmark_digits_writes_the_table(capsys, tmp_path):
+    out = tmp_path / "digits.md"
+    argv = ["benchmark", "digits", "--methods", "mcgdiff", "--tasks", "superres"]
+    argv += ["--num-digits", "2", "--num-particles", "8", "--num-steps", "4"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| superres"))
+    cells = [cell.strip() for cell in row.split("|")]
+    assert cells[2] == "mcgdiff" and cells[3] == "2"
+    psnr = float(cells[4].split("±")[0])
+    assert 0 < psnr < 60
+    assert cells[7] == "0"  # no NaN runs
+
+
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "message"),
     [
-        ["benchmark"],
+        (["benchmark", "gmm", "--cells", "7x1"], "even dimension"),
+        (["benchmark", "gmm", "--cells", "8by1"], "a cell is DxDY"),
+        (["benchmark", "gmm", "--methods", "nuts"], "invalid choice"),
+        (["benchmark", "mnist"], "invalid choice"),
+        (["benchmark", "digits", "--num-digits", "0"], "positive integer"),
+        (["benchmark", "digits", "--tasks", "deblur"], "invalid choice"),
     ],
 )
-def test_unavailable_subcommand_says_so(argv, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(argv) == cli.EXIT_NOT_AVAILABLE
-    err = capsys.readouterr().err
-    assert f"diffprior {argv[0]}: not available" in err
-    assert list(tmp_path.iterdir()) == []  # wrote nothing
+def test_benchmark_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_sample_rejects_unknown_method(capsys):

@@ -57,6 +57,10 @@ class _Progress:
 class Sampler:
     """Sample the posterior of a NumPyro model with a diffusion prior.
 
+    With a :class:`~diffprior.LatentDiffusionPrior` every method runs on the latent (the
+    likelihood composed with the decoder, :meth:`~diffprior.model.ObservationModel.in_latent_space`)
+    and the draws are decoded: samples are images, as the model's site.
+
     Parameters
     ----------
     method
@@ -130,12 +134,14 @@ class Sampler:
         obs = read_model(self.method.model, args, kwargs)
         method = self.method
         times = make_timesteps(prior.schedule, self.num_steps, method.spacing)
-        algorithm = method.build(prior, obs, times)
+        # the kernels run where the diffusion runs: on the latent z of a LatentDiffusionPrior,
+        # with the likelihood log p(y | decode(z)); x itself for a plain DiffusionPrior
+        algorithm = method.build(prior, obs.in_latent_space(), times)
         num_chains, num_particles = self.num_chains, self.num_particles
 
         init_key, run_key, final_key = jax.random.split(rng_key, 3)
         x_init = sample_initial(
-            init_key, prior.schedule, (num_chains, num_particles, *prior.event_shape)
+            init_key, prior.schedule, (num_chains, num_particles, *prior.latent_shape)
         )
         if self.chain_method == "parallel":
             x_init = _shard_chains(x_init)
@@ -165,7 +171,7 @@ class Sampler:
         step_keys = jax.random.split(run_key, self.num_steps)
         states, per_step = jax.lax.scan(body, states, (jnp.arange(self.num_steps), step_keys))
 
-        particles = states.particles
+        particles = jax.vmap(jax.vmap(prior.decode))(states.particles)
         if method.is_smc:
             log_weights = states.log_weights
             log_evidence = states.log_evidence
@@ -205,7 +211,7 @@ class Sampler:
         """
         rng_key = _as_key(rng_key)
         obs = read_model(self.method.model, args, kwargs)
-        self.method.check(obs)
+        self.method.check(obs.in_latent_space())
         self._obs = obs
         dynamic, static = eqx.partition((args, kwargs), eqx.is_array)
         if self.progress_bar:

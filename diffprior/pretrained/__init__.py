@@ -8,6 +8,12 @@ settings, the exact command that trained it, and the training data's variance).
 - ``"digits"``: scikit-learn's 8x8 handwritten digits scaled to ``[-1, 1]``, trained on the first
   1500 images by ``python examples/train_digits.py``; the last 297 (:func:`load_digits_split`)
   are held out for demos and benchmarks.
+- ``"digits-latent"``: the same images as a :class:`~diffprior.LatentDiffusionPrior`: an MLP
+  autoencoder (:class:`~diffprior.nets.MLPAutoencoder`) with a 16-dimensional standardised
+  latent, and a diffusion model (:class:`~diffprior.nets.TimeMLP`) on that latent, trained on
+  the same 1500 images by ``python examples/train_digits_latent.py``. A latent prior's
+  ``NAME.eqx`` holds the pair ``(denoiser network, autoencoder)`` and its metadata the
+  ``autoencoder`` record and the ``latent_shape``.
 
 Examples
 --------
@@ -18,6 +24,9 @@ True
 >>> prior = diffprior.pretrained.load("digits", num_steps=20)
 >>> prior.sample(jax.random.key(0), (2,)).shape
 (2, 8, 8)
+>>> latent = diffprior.pretrained.load("digits-latent", num_steps=20)
+>>> latent.latent_shape, latent.sample(jax.random.key(0), (2,)).shape
+((16,), (2, 8, 8))
 """
 
 from __future__ import annotations
@@ -35,8 +44,9 @@ import numpy as np
 
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.diffusion.schedules import EDM, VE, VP, Schedule
-from diffprior.nets import TimeMLP, UNet
+from diffprior.nets import MLPAutoencoder, TimeMLP, UNet
 from diffprior.priors.diffusion_prior import DiffusionPrior
+from diffprior.priors.latent_prior import LatentDiffusionPrior
 
 __all__ = [
     "available",
@@ -62,7 +72,7 @@ _SCHEDULES = {
 }
 
 #: Network classes by the ``class`` recorded in the metadata.
-_NETS = {"UNet": UNet, "TimeMLP": TimeMLP}
+_NETS = {"UNet": UNet, "TimeMLP": TimeMLP, "MLPAutoencoder": MLPAutoencoder}
 
 
 def _files():
@@ -114,7 +124,8 @@ def build_net(config: dict[str, Any], key: jax.Array | None = None) -> eqx.Modul
 
 
 @functools.lru_cache(maxsize=8)
-def _load_denoiser(name: str) -> tuple[Denoiser, str]:
+def _load_denoiser(name: str) -> tuple[Denoiser, MLPAutoencoder | None, str]:
+    """``(denoiser, autoencoder or None, metadata as JSON)`` of prior ``name``."""
     meta = metadata(name)
     raw = _files().joinpath(meta.get("weights_file", f"{name}.eqx")).read_bytes()
     expected = meta.get("weights_sha256")
@@ -123,20 +134,27 @@ def _load_denoiser(name: str) -> tuple[Denoiser, str]:
             f"pretrained prior {name!r}: the weights file does not match the sha256 recorded in "
             f"{name}.json (a partial or mismatched install); retrain or reinstall it"
         )
-    net = eqx.tree_deserialise_leaves(io.BytesIO(raw), build_net(meta["net"]))
+    autoencoder = None
+    if "autoencoder" in meta:  # a latent prior: the file holds (network, autoencoder)
+        skeleton = (build_net(meta["net"]), build_net(meta["autoencoder"]))
+        net, autoencoder = eqx.tree_deserialise_leaves(io.BytesIO(raw), skeleton)
+    else:
+        net = eqx.tree_deserialise_leaves(io.BytesIO(raw), build_net(meta["net"]))
     denoiser = Denoiser(
         net,
         build_schedule(meta["schedule"]),
         meta["parameterization"],
-        clip_x0=meta.get("clip_x0", 1.0),  # the shipped data are scaled to [-1, 1]
+        clip_x0=meta.get("clip_x0", 1.0),  # the shipped images are scaled to [-1, 1]
     )
-    return denoiser, json.dumps(meta)
+    return denoiser, autoencoder, json.dumps(meta)
 
 
 def load(name: str, **prior_options: Any) -> DiffusionPrior:
-    """The shipped prior ``name`` as a :class:`diffprior.DiffusionPrior`.
+    """The shipped prior ``name`` as a :class:`diffprior.DiffusionPrior` (a
+    :class:`diffprior.LatentDiffusionPrior`, with the autoencoder's decoder and encoder, for a
+    latent prior such as ``"digits-latent"``).
 
-    The network is rebuilt from the metadata and its weights read from the package (no
+    The networks are rebuilt from the metadata and their weights read from the package (no
     download). ``data_variance`` and the recorded sampling defaults come from the metadata;
     ``prior_options`` (``num_steps``, ``eta``, ``spacing``, ...) override them.
 
@@ -146,11 +164,21 @@ def load(name: str, **prior_options: Any) -> DiffusionPrior:
         For an unknown ``name``, listing the available ones.
     """
     _check_name(name)
-    denoiser, meta_json = _load_denoiser(name)
+    denoiser, autoencoder, meta_json = _load_denoiser(name)
     meta = json.loads(meta_json)
     options = {"data_variance": meta["data_variance"], **meta.get("prior_options", {})}
     options.update(prior_options)
-    return DiffusionPrior(denoiser, event_shape=tuple(meta["event_shape"]), **options)
+    event_shape = tuple(meta["event_shape"])
+    if autoencoder is not None:
+        return LatentDiffusionPrior(
+            denoiser,
+            autoencoder.decode,
+            event_shape,
+            tuple(meta["latent_shape"]),
+            encoder=autoencoder.encode,
+            **options,
+        )
+    return DiffusionPrior(denoiser, event_shape=event_shape, **options)
 
 
 def load_digits_split() -> tuple[np.ndarray, np.ndarray]:

@@ -120,9 +120,21 @@ class DiffusionPrior(dist.Distribution):
         return self.denoiser.schedule
 
     @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of the space the diffusion runs in: the event shape here (a
+        :class:`~diffprior.LatentDiffusionPrior` diffuses a latent and decodes it)."""
+        return tuple(self.event_shape)
+
+    def decode(self, z: ArrayLike) -> Array:
+        """The sample of one diffusion state ``z`` (``latent_shape``): the identity here,
+        the decoder for a :class:`~diffprior.LatentDiffusionPrior`."""
+        return jnp.asarray(z)
+
+    @property
     def variance(self) -> Array:
-        """Per-coordinate prior variance: ``data_variance`` broadcast to the event shape."""
-        return jnp.full(self.event_shape, self.data_variance, dtype=jnp.float32)
+        """Per-coordinate variance of the diffused data: ``data_variance`` broadcast to
+        :attr:`latent_shape` (the event shape here)."""
+        return jnp.full(self.latent_shape, self.data_variance, dtype=jnp.float32)
 
     @property
     def dim(self) -> int:
@@ -144,13 +156,15 @@ class DiffusionPrior(dist.Distribution):
         num_steps: int | None = None,
         eta: float | None = None,
     ) -> Array:
-        """Sample by reverse diffusion with the denoiser (the generic path)."""
+        """Sample by reverse diffusion with the denoiser (the generic path), in
+        :attr:`latent_shape`, then :meth:`decode` each draw."""
         sample_shape = tuple(sample_shape)
         n = math.prod(sample_shape)
         eta = self.eta if eta is None else eta
         flat = reverse_diffusion(
-            key, self.denoiser, (n, *self.event_shape), self.timesteps(num_steps), eta
+            key, self.denoiser, (n, *self.latent_shape), self.timesteps(num_steps), eta
         )
+        flat = jax.vmap(self.decode)(flat)
         return flat.reshape(sample_shape + self.batch_shape + self.event_shape)
 
     def log_prob(self, value: ArrayLike) -> Array:

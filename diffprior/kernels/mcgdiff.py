@@ -1,0 +1,432 @@
+r"""Monte Carlo guided diffusion, MCGdiff (Cardoso, Janati el Idrissi, Le Corff & Moulines,
+ICLR 2024, arXiv 2308.07983, Algorithms 1 and 2).
+
+For a linear Gaussian observation written in the right singular basis :math:`V` of the
+(whitened) operator, each observed coordinate is a *pseudo-observation*
+:math:`\tilde y_i = \bar x_{0,i} + c_i \varepsilon_i` of :math:`\bar x_0 = V^T x_0`, with noise
+ratio :math:`c_i = \sigma_y / s_i` (:math:`c_i = 0` noiseless). The particles run the prior's
+reverse chain on a grid :math:`t_0 > \dots > t_K = 0`; along each observed direction they
+carry a Gaussian potential
+
+.. math::
+    g_{k,i}(\bar x_{t_k,i}) = N\big(\tilde y_i;\ a_{k,i}\, \bar x_{t_k,i} + b_{k,i},\
+    e_{k,i}\big)
+
+that ends at the exact likelihood, :math:`g_{K,i} = N(\tilde y_i; \bar x_{0,i}, c_i^2)`, so
+the final target is the posterior for any intermediate choice (which only sets the variance of
+the weights). Three choices (``potential``):
+
+- ``"gaussian"`` (default): :math:`p(\tilde y_i \mid \bar x_{t,i})` exactly when
+  :math:`\bar x_{0,i} \sim N(\mu_i, v_i)` (the prior's moments along the direction):
+  :math:`a = \alpha_t v / D`, :math:`b = \mu \sigma_t^2 / D`,
+  :math:`e = c^2 + v \sigma_t^2 / D`, :math:`D = \alpha_t^2 v + \sigma_t^2`; exact weights
+  for a Gaussian prior, and close to ``"flat"`` for a broad one;
+- ``"flat"``: its limit :math:`v \to \infty`, :math:`a = 1/\alpha_t`, :math:`b = 0`,
+  :math:`e = c^2 + \sigma_t^2/\alpha_t^2`; for :math:`c = 0` it is the paper's noiseless
+  potential :math:`N(\bar x_t; \alpha_t \tilde y, \sigma_t^2)`;
+- ``"pinned"``: the paper's noisy scheme. The observation looks like the forward process at
+  the time :math:`\tau_i` where :math:`\rho_t = \sigma_t/\alpha_t` equals :math:`c_i`; with
+  :math:`k_i = \min\{k : \rho_{t_k} \le c_i\}`, :math:`a = 1/\alpha_t`, :math:`b = 0`,
+  :math:`e = \lvert \rho_t^2 - c_i^2 \rvert` up to :math:`k_i` (the forward noising of the
+  pinned value before, the exact likelihood of :math:`\tilde y_i` given
+  :math:`\bar x_{t_{k_i}}` at :math:`k_i`), and no potential after.
+
+Each step proposes the observed coordinates from the reverse Gaussian step
+:math:`N(\bar m, v)` times the potential (a Kalman update in closed form; a zero variance pins
+the coordinate, as in the noiseless case at :math:`t = 0`), the others from the reverse step
+alone, and weights by
+
+.. math::
+    w_k = \prod_{i\ \mathrm{active}} \frac{N(\tilde y_i;\ a_{k,i} \bar m_i + b_{k,i},\
+    a_{k,i}^2 v + e_{k,i})}{g_{k-1,i}(\bar x_{t_{k-1},i})}.
+
+Only the observed directions (at most ``dy``) are touched, so a step costs one network
+evaluation per particle plus :math:`O(d\,d_y)`; no gradient is needed. The product of the
+normalising constants estimates :math:`\int p(x_0) \prod_i N(\tilde y_i; \bar x_{0,i}, c_i^2)
+\, dx_0`; ``log_evidence_offset`` adds the change of variables to :math:`p(y)`.
+
+Examples
+--------
+>>> import jax, jax.numpy as jnp
+>>> import diffprior as dp
+>>> gmm = dp.GaussianMixture(jnp.array([[-2.0, 0.0], [2.0, 0.0]]), jnp.array([0.5, 0.5]))
+>>> basis = jnp.array([[1.0], [0.0]])  # observe the first coordinate
+>>> algo = dp.kernels.mcgdiff.as_top_level_api(
+...     gmm.denoiser, gmm.timesteps(10), basis, jnp.array([1.5]), jnp.array([0.5])
+... )
+>>> state = algo.init(jax.random.normal(jax.random.key(0), (32, 2)))
+>>> state, info = algo.step(jax.random.key(1), state)
+>>> state.particles.shape
+(32, 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from blackjax.base import SamplingAlgorithm
+
+from diffprior.diffusion.denoiser import Denoiser
+from diffprior.diffusion.transitions import tweedie_variance
+from diffprior.kernels import smc
+from diffprior.types import Array, ArrayLike, PRNGKey
+
+__all__ = [
+    "MCGdiffState",
+    "MCGdiffInfo",
+    "PotentialPlan",
+    "potential_plan",
+    "init",
+    "build_kernel",
+    "as_top_level_api",
+]
+
+
+class MCGdiffState(NamedTuple):
+    r"""What the next step needs: ``particles`` ``(N, *event_shape)`` at ``timesteps[step]``,
+    normalised ``log_weights`` ``(N,)``, the running ``log_evidence``, ``step``, the
+    denoiser's ``x0_hat`` at the particles and ``log_correction`` ``(N,)``, the twist over the
+    potential :math:`\log h_k - \log g_k` (zero without a twist)."""
+
+    particles: Array
+    log_weights: Array
+    log_evidence: Array
+    step: Array
+    x0_hat: Array
+    log_correction: Array
+
+
+class MCGdiffInfo(NamedTuple):
+    """Diagnostics of one step: ``ess`` (of the weights the resampling decision used),
+    ``resampled``, ``ancestors``, ``log_weights`` (after the step), ``log_evidence_increment``
+    and ``degenerate`` (every particle got weight zero)."""
+
+    ess: Array
+    resampled: Array
+    ancestors: Array
+    log_weights: Array
+    log_evidence_increment: Array
+    degenerate: Array
+
+
+class PotentialPlan(NamedTuple):
+    r"""The potentials on the grid, one row per grid time :math:`t_k`:
+    :math:`g_{k,i}(\bar x) = N(\tilde y_i;\ a_{k,i} \bar x + b_{k,i},\ e_{k,i})` where
+    ``active``, and 1 elsewhere.
+
+    slope, offset, variance
+        ``(K + 1, r)`` :math:`a`, :math:`b`, :math:`e`.
+    active
+        ``(K + 1, r)`` whether coordinate :math:`i` carries a potential at :math:`t_k`.
+    """
+
+    slope: Array
+    offset: Array
+    variance: Array
+    active: Array
+
+
+POTENTIALS = ("gaussian", "flat", "pinned")
+
+
+def potential_plan(
+    denoiser: Denoiser,
+    timesteps: Array,
+    noise_ratio: Array,
+    observed: Array,
+    potential: str = "gaussian",
+    data_mean: ArrayLike = 0.0,
+    data_variance: ArrayLike = 1.0,
+) -> PotentialPlan:
+    r"""The potentials of the module docstring for noise ratios :math:`c_i` (``0``
+    noiseless); coordinates with ``observed`` False are never active. ``data_mean`` and
+    ``data_variance`` (per coordinate, or scalars) are the prior's moments along the observed
+    directions, used by the ``"gaussian"`` potential."""
+    if potential not in POTENTIALS:
+        raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
+    schedule = denoiser.schedule
+    alpha = jax.vmap(schedule.alpha)(timesteps)[:, None]
+    sigma = jax.vmap(schedule.sigma)(timesteps)[:, None]
+    c2 = jnp.asarray(noise_ratio, jnp.float32)[None, :] ** 2
+    num = timesteps.shape[0]
+    all_times = jnp.broadcast_to(observed[None, :], (num, observed.shape[0]))
+    if potential == "gaussian":
+        mean = jnp.asarray(data_mean, jnp.float32)
+        v = jnp.asarray(data_variance, jnp.float32)
+        denom = alpha**2 * v + sigma**2
+        slope = alpha * v / denom
+        offset = mean * sigma**2 / denom
+        variance = c2 + v * sigma**2 / denom
+        active = all_times
+    elif potential == "flat":
+        slope = 1.0 / alpha
+        offset = jnp.zeros_like(slope)
+        variance = c2 + (sigma / alpha) ** 2
+        active = all_times
+    else:
+        rho2 = (sigma / alpha) ** 2
+        # k_i: the first grid time at which the diffusion is no noisier than the observation
+        first = jnp.argmax(rho2 <= c2, axis=0)  # always found: rho = 0 at t = 0
+        active = (jnp.arange(num)[:, None] <= first[None, :]) & all_times
+        slope = 1.0 / alpha
+        offset = jnp.zeros_like(slope)
+        variance = jnp.abs(rho2 - c2)
+    shape = (num, observed.shape[0])
+    return PotentialPlan(
+        jnp.broadcast_to(slope, shape),
+        jnp.broadcast_to(offset, shape),
+        jnp.broadcast_to(variance, shape),
+        active,
+    )
+
+
+def _log_normal(x: Array, mean: Array, variance: Array) -> Array:
+    variance = jnp.maximum(variance, jnp.finfo(jnp.float32).tiny)
+    return -0.5 * ((x - mean) ** 2 / variance + jnp.log(2 * jnp.pi * variance))
+
+
+def _log_potential(coords: Array, pseudo_obs: Array, plan: PotentialPlan, k: Array) -> Array:
+    """Sum of the active potentials at grid index ``k`` for coordinates ``(N, r)``."""
+    terms = _log_normal(pseudo_obs, plan.slope[k] * coords + plan.offset[k], plan.variance[k])
+    return jnp.sum(jnp.where(plan.active[k], terms, 0.0), axis=-1)
+
+
+def _project(basis: Array, x: Array) -> Array:
+    return x.reshape((x.shape[0], -1)) @ basis
+
+
+def _x0_hat(denoiser: Denoiser, particles: Array, t: Array) -> Array:
+    return jax.vmap(lambda x: denoiser.predict(x, t)[0])(particles)
+
+
+def init(
+    particles: Array,
+    denoiser: Denoiser,
+    timesteps: Array,
+    basis: Array,
+    pseudo_obs: Array,
+    plan: PotentialPlan,
+    twist: Twist | None = None,
+    log_evidence_offset: ArrayLike = 0.0,
+) -> MCGdiffState:
+    """Weight reference draws at ``timesteps[0]`` by the first potentials (or twists)."""
+    x0_hat = _x0_hat(denoiser, particles, timesteps[0])
+    log_potential = _log_potential(_project(basis, particles), pseudo_obs, plan, 0)
+    correction = _log_correction(twist, basis, pseudo_obs, x0_hat, log_potential, 0, False)
+    update = smc.initial_weights(log_potential + correction)
+    log_evidence = update.log_evidence_increment + jnp.asarray(log_evidence_offset, jnp.float32)
+    step = jnp.zeros((), jnp.int32)
+    return MCGdiffState(particles, update.log_weights, log_evidence, step, x0_hat, correction)
+
+
+class Twist(NamedTuple):
+    r"""The twist :math:`h_k(x) = \prod_i N(\tilde y_i;\ (V^T \hat x_0(x))_i,\ e_{k,i})`
+    with ``variance`` ``(K + 1, r)`` :math:`e_{k,i} = c_i^2 + \mathrm{Var}[\bar x_{0,i} \mid
+    x_{t_k}]`."""
+
+    variance: Array
+
+
+def _log_correction(twist, basis, pseudo_obs, x0_hat, log_potential, k, is_last):
+    r""":math:`\log h_k - \log g_k` at the particles; zero at the last step (both are the
+    likelihood there) and without a twist."""
+    if twist is None:
+        return jnp.zeros_like(log_potential)
+    terms = _log_normal(pseudo_obs, _project(basis, x0_hat), twist.variance[k])
+    return jnp.where(is_last, 0.0, jnp.sum(terms, axis=-1) - log_potential)
+
+
+def build_kernel(
+    denoiser: Denoiser,
+    timesteps: Array,
+    basis: Array,
+    pseudo_obs: Array,
+    plan: PotentialPlan,
+    *,
+    twist: Twist | None = None,
+    eta: ArrayLike = 1.0,
+    data_variance: ArrayLike = 1.0,
+    ess_threshold: float = 0.5,
+    resample_fn: Callable = smc.RESAMPLING_SCHEMES["systematic"],
+) -> Callable[[PRNGKey, MCGdiffState], tuple[MCGdiffState, MCGdiffInfo]]:
+    """Build the MCGdiff step (arguments as in :func:`as_top_level_api`)."""
+    last_step = timesteps.shape[0] - 2
+    # the last reverse step of a network without local variance is deterministic; a pinned
+    # (noiseless) coordinate needs its spread Var[x0 | x_t1] for the weights to exist
+    last_variance = tweedie_variance(
+        denoiser.schedule, timesteps[-2], jnp.mean(jnp.asarray(data_variance))
+    )
+
+    def transition(x_t, x0_hat, t, s):
+        return denoiser.transition(x_t, x0_hat, t, s, eta)
+
+    def kernel(rng_key: PRNGKey, state: MCGdiffState) -> tuple[MCGdiffState, MCGdiffInfo]:
+        resample_key, noise_key = jax.random.split(rng_key)
+        k = state.step
+        t, s = timesteps[k], timesteps[k + 1]
+        decision = smc.maybe_resample(resample_key, state.log_weights, ess_threshold, resample_fn)
+        x_t, x0_hat_t, correction_t = smc.gather(
+            (state.particles, state.x0_hat, state.log_correction), decision.ancestors
+        )
+
+        step = jax.vmap(transition, in_axes=(0, 0, None, None))(x_t, x0_hat_t, t, s)
+        variance = jnp.where(
+            k == last_step, jnp.maximum(step.variance, last_variance), step.variance
+        )
+        noise = jax.random.normal(noise_key, x_t.shape)
+        x_prior = step.mean + jnp.sqrt(variance).reshape((-1,) + (1,) * (x_t.ndim - 1)) * noise
+        variance = variance[:, None]  # one isotropic variance per particle, against (N, r)
+
+        # the observed directions: reverse step N(m, v) times the potential N(y; a x + b, e),
+        # a Kalman update in closed form; a zero total variance pins the coordinate
+        mean_coords = _project(basis, step.mean)
+        noise_coords = _project(basis, noise)
+        slope, offset = plan.slope[k + 1], plan.offset[k + 1]
+        obs_variance, active = plan.variance[k + 1], plan.active[k + 1]
+        predicted = slope * mean_coords + offset
+        total = slope**2 * variance + obs_variance
+        pinned = total <= 0.0
+        gain = jnp.where(pinned, 1.0 / slope, slope * variance / jnp.where(pinned, 1.0, total))
+        proposal_mean = mean_coords + gain * (pseudo_obs - predicted)
+        proposal_std = jnp.sqrt(jnp.maximum(variance * (1.0 - gain * slope), 0.0))
+        prior_coords = mean_coords + jnp.sqrt(variance) * noise_coords
+        new_coords = jnp.where(active, proposal_mean + proposal_std * noise_coords, prior_coords)
+        x_s = x_prior + ((new_coords - prior_coords) @ basis.T).reshape(x_prior.shape)
+        x_s = jnp.where(jnp.isfinite(x_s), x_s, 0.0)
+
+        # predictive of the new potentials over the previous ones (module docstring)
+        log_numerator = jnp.sum(
+            jnp.where(active, _log_normal(pseudo_obs, predicted, total), 0.0), axis=-1
+        )
+        previous = _log_normal(
+            pseudo_obs, plan.slope[k] * _project(basis, x_t) + plan.offset[k], plan.variance[k]
+        )
+        log_denominator = jnp.sum(jnp.where(active, previous, 0.0), axis=-1)
+        log_increment = log_numerator - log_denominator
+
+        x0_hat_s = _x0_hat(denoiser, x_s, s)
+        if twist is not None:
+            log_potential_s = _log_potential(_project(basis, x_s), pseudo_obs, plan, k + 1)
+            correction_s = _log_correction(
+                twist, basis, pseudo_obs, x0_hat_s, log_potential_s, k + 1, k == last_step
+            )
+            log_increment = log_increment + correction_s - correction_t
+        else:
+            correction_s = correction_t
+
+        update = smc.reweight(decision.log_weights, log_increment)
+        new_state = MCGdiffState(
+            x_s,
+            update.log_weights,
+            state.log_evidence + update.log_evidence_increment,
+            k + 1,
+            x0_hat_s,
+            correction_s,
+        )
+        info = MCGdiffInfo(
+            decision.ess,
+            decision.resampled,
+            decision.ancestors,
+            update.log_weights,
+            update.log_evidence_increment,
+            update.degenerate,
+        )
+        return new_state, info
+
+    return kernel
+
+
+def as_top_level_api(
+    denoiser: Denoiser,
+    timesteps: Array,
+    basis: Array,
+    pseudo_obs: Array,
+    noise_ratio: Array,
+    *,
+    observed: Array | None = None,
+    potential: str = "gaussian",
+    twisted: bool = False,
+    eta: ArrayLike = 1.0,
+    data_mean: ArrayLike = 0.0,
+    data_variance: ArrayLike = 1.0,
+    ess_threshold: float = 0.5,
+    resampling: str = "systematic",
+    log_evidence_offset: ArrayLike = 0.0,
+) -> SamplingAlgorithm:
+    r"""MCGdiff as a ``SamplingAlgorithm(init, step)``.
+
+    Parameters
+    ----------
+    denoiser
+        The prior's denoiser.
+    timesteps
+        Decreasing times ending at 0.
+    basis
+        ``(d, r)`` orthonormal columns :math:`V_r`, the observed directions of the flattened
+        event.
+    pseudo_obs
+        ``(r,)`` :math:`\tilde y`, the observation in those directions divided by the singular
+        values.
+    noise_ratio
+        ``(r,)`` :math:`c_i = \sigma_y / s_i`; ``0`` for noiseless coordinates.
+    observed
+        ``(r,)`` booleans; False drops a direction (a zero singular value). Default all.
+    eta
+        DDIM stochasticity of the reverse step (must be > 0 for the proposal to move).
+    potential
+        ``"gaussian"`` (default), ``"flat"`` or ``"pinned"`` (module docstring).
+    twisted
+        Reweight by the twist :math:`h_k` of :class:`Twist` (the likelihood at the denoiser's
+        :math:`\hat x_0`, widened by its Tweedie variance) in place of the potentials, which
+        then only shape the proposal: :math:`w_k = \frac{\int p\, g_k}{g_{k-1}}
+        \frac{h_k / g_k}{h_{k-1} / g_{k-1}}`, with :math:`h_K = g_K` the likelihood.
+    data_mean, data_variance
+        The prior's mean and variance along the observed directions (``(r,)`` or scalars):
+        the ``"gaussian"`` potentials use them, and the mean variance sets the spread of the
+        last step when the network's own last step is deterministic.
+    ess_threshold, resampling
+        Adaptive resampling with a :mod:`blackjax.smc.resampling` scheme.
+    log_evidence_offset
+        Constant added to the log-evidence (the change of variables to :math:`p(y)`).
+    """
+    ess_threshold = smc.check_ess_threshold(ess_threshold)
+    resample_fn = smc.resampling_fn(resampling)
+    basis = jnp.asarray(basis, jnp.float32)
+    pseudo_obs = jnp.asarray(pseudo_obs, jnp.float32)
+    if observed is None:
+        observed = jnp.ones(pseudo_obs.shape, bool)
+    plan = potential_plan(
+        denoiser, timesteps, noise_ratio, observed, potential, data_mean, data_variance
+    )
+    twist = None
+    if twisted:
+        if potential == "pinned":
+            raise ValueError("twisted=True needs the 'gaussian' or 'flat' potential")
+        # Var[x0_i | x_t] along each direction, (K + 1, r)
+        direction_variance = jnp.broadcast_to(jnp.asarray(data_variance), pseudo_obs.shape)
+        tweedie = jax.vmap(lambda t: tweedie_variance(denoiser.schedule, t, direction_variance))(
+            timesteps
+        )
+        twist = Twist(jnp.asarray(noise_ratio, jnp.float32)[None, :] ** 2 + tweedie)
+    kernel = build_kernel(
+        denoiser,
+        timesteps,
+        basis,
+        pseudo_obs,
+        plan,
+        twist=twist,
+        eta=eta,
+        data_variance=data_variance,
+        ess_threshold=ess_threshold,
+        resample_fn=resample_fn,
+    )
+
+    def init_fn(particles: Array, rng_key: PRNGKey | None = None) -> MCGdiffState:
+        return init(
+            particles, denoiser, timesteps, basis, pseudo_obs, plan, twist, log_evidence_offset
+        )
+
+    return SamplingAlgorithm(init_fn, kernel)
