@@ -51,11 +51,13 @@ def reverse_diffusion(
     shape: Sequence[int],
     times: Array,
     eta: ArrayLike = 1.0,
+    x_init: Array | None = None,
 ) -> Array:
     """Sample ``shape = (n, *event_shape)`` by reverse diffusion along ``times`` (decreasing
-    to 0): one ``lax.scan`` over steps, ``vmap`` over the ``n`` particles."""
+    to 0): one ``lax.scan`` over steps, ``vmap`` over the ``n`` particles. The chains start
+    from ``x_init`` when given, else from :func:`sample_initial`."""
     init_key, scan_key = jax.random.split(rng_key)
-    x = sample_initial(init_key, denoiser.schedule, shape)
+    x = sample_initial(init_key, denoiser.schedule, shape) if x_init is None else x_init
     step = jax.vmap(ancestral_step, in_axes=(0, None, 0, None, None, None))
 
     def body(x_t, inputs):

@@ -53,6 +53,13 @@ def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
     return value
 
 
+def _check_variance_inflation(variance_inflation: Any) -> None:
+    if variance_inflation not in VARIANCE_INFLATIONS:
+        raise ValueError(
+            f"variance_inflation must be one of {VARIANCE_INFLATIONS}, got {variance_inflation!r}"
+        )
+
+
 def _check_eta(eta: Any) -> float:
     eta = _check_positive("eta", eta, allow_zero=True)
     if eta > 1.0:
@@ -202,11 +209,7 @@ class TDS(Method):
         spacing: str = "uniform",
     ):
         smc.resampling_fn(resampling)
-        if variance_inflation not in VARIANCE_INFLATIONS:
-            raise ValueError(
-                f"variance_inflation must be one of {VARIANCE_INFLATIONS}, "
-                f"got {variance_inflation!r}"
-            )
+        _check_variance_inflation(variance_inflation)
         super().__init__(
             model,
             spacing=spacing,
@@ -288,11 +291,7 @@ class FK(Method):
             raise TypeError(f"resample_every must be an integer, got {resample_every!r}")
         if resample_every < 1:
             raise ValueError(f"resample_every must be >= 1, got {resample_every}")
-        if variance_inflation not in VARIANCE_INFLATIONS:
-            raise ValueError(
-                f"variance_inflation must be one of {VARIANCE_INFLATIONS}, "
-                f"got {variance_inflation!r}"
-            )
+        _check_variance_inflation(variance_inflation)
         smc.resampling_fn(resampling)
         super().__init__(
             model,
@@ -360,7 +359,7 @@ def likelihood_twist(prior: DiffusionPrior, obs: ObservationModel, inflation: st
     if inflation is None:
         return lambda x0_hat, t: obs.log_likelihood(x0_hat)
     schedule = prior.schedule
-    data_variance = jnp.mean(prior.variance)
+    data_variance = _unit_data_variance(prior)
     if inflation == "jacobian":
         gains = observation_gains(obs)
     else:
@@ -431,6 +430,8 @@ def whitened_svd(obs: ObservationModel) -> WhitenedSVD:
 
 
 def _unit_data_variance(prior: DiffusionPrior) -> Array:
+    r"""The prior's data variance averaged over coordinates (the one number every Tweedie
+    variance :math:`\mathrm{Var}[x_0 \mid x_t]` of the methods uses)."""
     return jnp.mean(prior.variance)
 
 

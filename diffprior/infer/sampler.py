@@ -20,7 +20,6 @@ from jax.scipy.special import logsumexp
 from tqdm.auto import tqdm
 
 from diffprior.diffusion.grids import timesteps as make_timesteps
-from diffprior.diffusion.sampling import sample_initial
 from diffprior.infer.methods import Method
 from diffprior.model import read_model
 from diffprior.types import PRNGKey
@@ -140,9 +139,7 @@ class Sampler:
         num_chains, num_particles = self.num_chains, self.num_particles
 
         init_key, run_key, final_key = jax.random.split(rng_key, 3)
-        x_init = sample_initial(
-            init_key, prior.schedule, (num_chains, num_particles, *prior.latent_shape)
-        )
+        x_init = prior.sample_reference(init_key, (num_chains, num_particles))
         if self.chain_method == "parallel":
             x_init = _shard_chains(x_init)
         states = jax.vmap(algorithm.init)(x_init)

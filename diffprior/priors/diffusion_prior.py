@@ -12,7 +12,7 @@ from numpyro.distributions import constraints
 
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.diffusion.grids import SPACINGS, timesteps
-from diffprior.diffusion.sampling import initial_std, reverse_diffusion
+from diffprior.diffusion.sampling import initial_std, reverse_diffusion, sample_initial
 from diffprior.types import Array, ArrayLike, PRNGKey
 
 __all__ = ["DiffusionPrior"]
@@ -148,6 +148,14 @@ class DiffusionPrior(dist.Distribution):
     def sample(self, key: PRNGKey, sample_shape: Sequence[int] = ()) -> Array:
         return self.reverse_sample(key, sample_shape)
 
+    def sample_reference(self, key: PRNGKey, sample_shape: Sequence[int] = ()) -> Array:
+        r"""Starting points of the reverse chains at ``t_max``, shaped
+        ``(*sample_shape, *latent_shape)``: :math:`N(0, (\alpha^2 + \sigma^2) I)`, the usual
+        stand-in for the noised data distribution (priors that know their marginal at
+        ``t_max`` override this, as :class:`~diffprior.GaussianMixture` does)."""
+        shape = (*tuple(sample_shape), *self.latent_shape)
+        return sample_initial(key, self.schedule, shape)
+
     def reverse_sample(
         self,
         key: PRNGKey,
@@ -161,8 +169,14 @@ class DiffusionPrior(dist.Distribution):
         sample_shape = tuple(sample_shape)
         n = math.prod(sample_shape)
         eta = self.eta if eta is None else eta
+        init_key, key = jax.random.split(key)
         flat = reverse_diffusion(
-            key, self.denoiser, (n, *self.latent_shape), self.timesteps(num_steps), eta
+            key,
+            self.denoiser,
+            (n, *self.latent_shape),
+            self.timesteps(num_steps),
+            eta,
+            x_init=self.sample_reference(init_key, (n,)),
         )
         flat = jax.vmap(self.decode)(flat)
         return flat.reshape(sample_shape + self.batch_shape + self.event_shape)

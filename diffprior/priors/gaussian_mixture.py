@@ -244,6 +244,18 @@ class GaussianMixture(DiffusionPrior):
             offsets = offsets @ net.basis.T
         return net.means[k] + offsets
 
+    def sample_reference(self, key: PRNGKey, sample_shape: Sequence[int] = ()) -> Array:
+        r"""Exact draws of the noised marginal at ``t_max``,
+        :math:`\alpha x_0 + \sigma \varepsilon` with :math:`x_0` from the mixture, so the
+        reverse chains start where the forward process ends. (The generic
+        :math:`N(0, (\alpha^2 + \sigma^2) I)` misses the offsets :math:`\alpha \mu_k`, which
+        for far-apart means in high dimension shifts the mass between components.)"""
+        key_x, key_e = jax.random.split(key)
+        t_max = self.schedule.t_max
+        x0 = self.sample(key_x, sample_shape)
+        noise = jax.random.normal(key_e, x0.shape)
+        return self.schedule.alpha(t_max) * x0 + self.schedule.sigma(t_max) * noise
+
     def log_prob(self, value: ArrayLike) -> Array:
         """Exact log density."""
         return self.marginal_log_prob(value, None)

@@ -61,3 +61,42 @@ def test_reverse_diffusion_reproduces_the_mixture(grid_mixture):
     assert reverse_distance < 1.5 * floor, (
         f"SW(reverse, exact) = {reverse_distance:.4f}, floor SW(exact, exact) = {floor:.4f}"
     )
+
+
+def test_mixture_reference_is_the_exact_marginal_at_t_max():
+    """GaussianMixture.sample_reference draws the noised mixture at t_max: its mean is
+    alpha * E[x0] and its variance alpha^2 Var[x0] + sigma^2 (5 standard errors)."""
+    import diffprior as dp
+
+    # means far enough apart that alpha(t_max) * mu (about 2 here) is not lost in the noise
+    means = jnp.array([[-300.0, 0.0], [300.0, 100.0]])
+    prior = dp.GaussianMixture(means, jnp.array([0.3, 0.7]), schedule=dp.schedules.VP.linear())
+    n = 20_000
+    x = np.asarray(prior.sample_reference(jax.random.key(1), (n,)))
+    assert x.shape == (n, 2)
+    t_max = prior.schedule.t_max
+    alpha, sigma = float(prior.schedule.alpha(t_max)), float(prior.schedule.sigma(t_max))
+    variance = alpha**2 * np.asarray(prior.variance) + sigma**2
+    np.testing.assert_array_less(
+        np.abs(x.mean(0) - alpha * np.asarray(prior.mean)), 5 * np.sqrt(variance / n)
+    )
+    np.testing.assert_array_less(np.abs(x.var(0) / variance - 1), 5 * np.sqrt(2 / n))
+
+
+@pytest.mark.slow
+def test_far_apart_components_keep_their_weights_in_high_dimension():
+    """d = 800, 25 components up to |mu| ~ 450 apart: started from the exact marginal at t_max
+    the 100-step chain puts each component's mass within 5 standard errors of its weight.
+    (From the generic N(0, I) start the alpha(t_max) mu_k offsets, a few units long here, shift
+    the mass between components by up to 0.09.)"""
+    import diffprior as dp
+
+    prior = dp.problems.mixture_problem(jax.random.key(0), 800, 1).prior
+    x = np.asarray(prior.reverse_sample(jax.random.key(1), (NUM_SAMPLES,), num_steps=100))
+    means = np.asarray(prior.means)
+    nearest = ((x**2).sum(1)[:, None] - 2 * x @ means.T + (means**2).sum(1)[None, :]).argmin(axis=1)
+    freq = np.bincount(nearest, minlength=means.shape[0]) / NUM_SAMPLES
+    weights = np.asarray(prior.weights)
+    np.testing.assert_array_less(
+        np.abs(freq - weights), 5 * np.sqrt(weights * (1 - weights) / NUM_SAMPLES) + 1e-3
+    )
