@@ -149,6 +149,10 @@ def gmm_rows(
                     rows.append(row)
                     if progress is not None:
                         progress(row)
+                # one compiled program per method and cell: free it before the next, or a
+                # full table's hundred-odd programs exhaust the host's memory
+                del sampler
+                jax.clear_caches()
     return rows
 
 
