@@ -45,7 +45,7 @@ def test_no_command_prints_usage_and_fails(capsys):
 
 def test_benchmark_writes_the_table(capsys, tmp_path):
     out = tmp_path / "gmm.md"
-    argv = ["benchmark", "gmm", "--methods", "mcgdiff", "unguided", "--cells", "8x1"]
+    argv = ["benchmark", "gmm", "--methods", "mcgdiff", "unguided", "exact", "--cells", "8x1"]
     argv += ["--seeds", "1", "--num-steps", "5", "--particles", "64", "--num-samples", "64"]
     assert cli.main([*argv, "--out", str(out)]) == 0
     text = out.read_text()
@@ -56,6 +56,8 @@ def test_benchmark_writes_the_table(capsys, tmp_path):
     ratio = float(row.split("|")[4])
     assert np.isfinite(ratio) and ratio > 0
     assert "n/a" in next(line for line in text.splitlines() if line.startswith("| unguided"))
+    exact_row = next(line for line in text.splitlines() if line.startswith("| exact"))
+    assert 0 < float(exact_row.split("|")[4]) < 10
 
 
 @pytest.mark.slow
