@@ -99,17 +99,8 @@ class MCGdiffState(NamedTuple):
     log_correction: Array
 
 
-class MCGdiffInfo(NamedTuple):
-    """Diagnostics of one step: ``ess`` (of the weights the resampling decision used),
-    ``resampled``, ``ancestors``, ``log_weights`` (after the step), ``log_evidence_increment``
-    and ``degenerate`` (every particle got weight zero)."""
-
-    ess: Array
-    resampled: Array
-    ancestors: Array
-    log_weights: Array
-    log_evidence_increment: Array
-    degenerate: Array
+#: Per-step diagnostics: the shared :class:`diffprior.kernels.smc.SMCInfo`.
+MCGdiffInfo = smc.SMCInfo
 
 
 class PotentialPlan(NamedTuple):

@@ -34,6 +34,7 @@ from diffprior.types import Array, ArrayTree, PRNGKey
 __all__ = [
     "RESAMPLING_SCHEMES",
     "resampling_fn",
+    "SMCInfo",
     "WeightUpdate",
     "ResampleResult",
     "initial_weights",
@@ -70,6 +71,19 @@ def check_ess_threshold(ess_threshold: float) -> float:
 def ess(log_weights: Array) -> Array:
     """Effective sample size of (possibly unnormalised) log-weights (BlackJAX's)."""
     return blackjax_ess(log_weights)
+
+
+class SMCInfo(NamedTuple):
+    """Diagnostics of one SMC step, shared by the SMC kernels: ``ess`` (of the weights the
+    resampling decision used), ``resampled``, ``ancestors``, ``log_weights`` (after the step),
+    ``log_evidence_increment`` and ``degenerate`` (every particle got weight zero)."""
+
+    ess: Array
+    resampled: Array
+    ancestors: Array
+    log_weights: Array
+    log_evidence_increment: Array
+    degenerate: Array
 
 
 class WeightUpdate(NamedTuple):

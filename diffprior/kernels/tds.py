@@ -32,7 +32,7 @@ Examples
 >>> state, info = tds.step(jax.random.key(1), state)
 >>> state.particles.shape, info.ess.shape
 ((64, 2), ())
-r"""
+"""
 
 from __future__ import annotations
 
