@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import tempfile
 import time
 
 import jax
@@ -29,6 +28,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 import diffprior.pretrained as pretrained
+from diffprior.io import write_text
 
 
 def nearest_distances(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -128,16 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(header + lines) + "\n"
     print(text)
     if args.out:
-        directory = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=directory, prefix=".tmp-", suffix=".md", delete=False
-        ) as f:
-            f.write(text)
-        umask = os.umask(0)  # NamedTemporaryFile is private (0600); use open()'s mode
-        os.umask(umask)
-        os.chmod(f.name, 0o666 & ~umask)
-        os.replace(f.name, args.out)
+        write_text(args.out, text)
 
 
 if __name__ == "__main__":

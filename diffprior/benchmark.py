@@ -4,8 +4,8 @@ r"""The Gaussian-mixture benchmark: every method on the MCGdiff paper's problem
 For each method and cell :math:`(d, d_y)` and each seed (one problem per seed), the table
 reports the sliced Wasserstein distance (1000 projections) between ``num_samples`` equal-weight
 draws and as many exact posterior draws, divided by the same distance between two exact sets
-(the *floor*); the log-evidence error (median over chains) for the methods that estimate it;
-and seconds of an already compiled run. One compiled program per method and cell serves every
+(the *floor*); the log-evidence error for the methods that estimate it; and seconds of an
+already compiled run. All particles form one chain (for SMC, one particle system). One compiled program per method and cell serves every
 seed (the problem enters as data), so each seed's time is a clean run.
 
 Run it as ``diffprior benchmark gmm`` or ``python benchmarks/gmm.py`` (same options).
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -38,14 +37,12 @@ from diffprior.problems import mixture_problem
 
 __all__ = [
     "METHODS",
-    "CHAINS",
     "DEFAULT_CELLS",
     "DIGIT_METHODS",
     "gmm_rows",
     "gmm_table",
     "digits_rows",
     "digits_table",
-    "write_atomic",
 ]
 
 
@@ -71,8 +68,6 @@ METHODS: dict[str, Callable | None] = {
     "mcgdiff": lambda model: MCGdiff(model),
     "mcgdiff-paper": lambda model: MCGdiff(model, potential="pinned", twisted=False),
 }
-#: SMC methods share their particles between chains: 4 chains of a quarter each.
-CHAINS = {"tds": 4, "fk": 4, "fk-max": 4, "mcgdiff": 4, "mcgdiff-paper": 4}
 DEFAULT_CELLS = tuple((d, dy) for d in (8, 80, 800) for dy in (1, 2, 4))
 
 
@@ -131,14 +126,12 @@ def gmm_rows(
                         if progress is not None:
                             progress(row)
             continue
-        num_chains = CHAINS.get(method, 1)
         for steps in step_counts:
             for dim, obs_dim in cells:
                 sampler = Sampler(
                     METHODS[method](mixture_model),
-                    num_particles=particles // num_chains,
+                    num_particles=particles,
                     num_steps=steps,
-                    num_chains=num_chains,
                     progress_bar=False,
                 )
                 for seed in range(seeds):
@@ -157,7 +150,7 @@ def gmm_rows(
                     )
                     evidence = sampler.log_evidence
                     error = (
-                        float(np.median(np.asarray(evidence)) - problem.log_evidence)
+                        float(np.asarray(evidence)[0] - problem.log_evidence)
                         if evidence is not None
                         else np.nan
                     )
@@ -219,23 +212,12 @@ def gmm_table(rows: list[dict], *, command: str, particles: int, num_samples: in
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
         f"devices {[d.platform for d in jax.devices()]}, float32.",
         f"{len(seeds)} problems per cell (seeds {seeds[0]}..{seeds[-1]}), {particles} particles "
-        f"in total (SMC methods: {CHAINS.get('tds', 1)} chains), SW with 1000 projections on "
+        "in one chain (one particle system for the SMC methods), SW with 1000 projections on "
         f"{num_samples} samples; floor = SW between two exact sample sets; seconds of a compiled "
         "run.",
         "",
     ]
     return "\n".join(header + lines) + "\n"
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.chmod(handle.name, 0o644)
-    os.replace(handle.name, path)
 
 
 # -- digits ----------------------------------------------------------------------------------

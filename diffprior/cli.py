@@ -204,17 +204,15 @@ def _load_problem(path: Path):
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    import os
-    import tempfile
-
     import numpy as np
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
-        np.savez(handle, **arrays)
-    os.chmod(handle.name, 0o644)  # temporary files are owner-only
-    os.replace(handle.name, path)
+    from diffprior.io import write_atomically
+
+    def write(name):
+        with open(name, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    write_atomically(path, write)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -333,7 +331,7 @@ def add_benchmark_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         help="half-image inpainting and 2x super-resolution of held-out digits",
         description=(
             "Held-out digits under half-image inpainting and 2x super-resolution with "
-            "sigma_y = 0.1: posterior-mean PSNR, 90%% coverage of the true pixels, seconds."
+            "sigma_y = 0.1: posterior-mean PSNR, 90% coverage of the true pixels, seconds."
         ),
     )
     digits.add_argument(
@@ -380,6 +378,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from diffprior import benchmark
+    from diffprior.io import write_text
 
     command = _command_line(args)
     if args.problem == "gmm":
@@ -450,13 +449,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         def progress(row):
             done.append(row)
             # the table so far, so that an interrupted run loses nothing
-            benchmark.write_atomic(args.out, text_of(done))
+            write_text(args.out, text_of(done))
             bar.set_postfix_str(describe(row))
             bar.update()
 
         rows = run(progress)
     text = text_of(rows)
-    benchmark.write_atomic(args.out, text)
+    write_text(args.out, text)
     print(text)
     print(f"wrote {args.out}")
     return 0

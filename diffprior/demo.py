@@ -18,7 +18,6 @@ Examples
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpyro.distributions as dist
 
 import diffprior as dp
 from diffprior import operators
+from diffprior.io import write_atomically
 
 __all__ = ["TASKS", "METHODS", "NOISES", "PRIORS", "make_problem", "run_demo"]
 
@@ -96,20 +96,6 @@ def _method(name: str, model):
     }[name](model)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=path.suffix + ".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def _figure(path: Path, truth, observation_image, samples, title: str) -> None:
     import matplotlib
 
@@ -133,7 +119,7 @@ def _figure(path: Path, truth, observation_image, samples, title: str) -> None:
         ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _atomic_write(path, lambda name: fig.savefig(name, format="png", dpi=100))
+    write_atomically(path, lambda name: fig.savefig(name, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -199,7 +185,7 @@ def run_demo(
         summary["ess"] = float(np.mean(1.0 / np.sum(np.exp(log_weights) ** 2, axis=-1)))
         summary["log_evidence"] = float(np.mean(np.asarray(sampler.log_evidence)))
     out = Path(out)
-    _atomic_write(out / "posterior.nc", lambda name: idata.to_netcdf(name, engine="h5netcdf"))
+    write_atomically(out / "posterior.nc", lambda name: idata.to_netcdf(name, engine="h5netcdf"))
     title = (
         f"{task}, {noise} noise (sigma_y={sigma_y}), {method} on {prior}: "
         f"PSNR {summary['psnr']:.1f} dB"

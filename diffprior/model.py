@@ -211,6 +211,16 @@ class ObservationModel:
         latent.decode = self.prior.decode
         return latent
 
+    def in_image_space(self) -> ObservationModel:
+        r"""The inverse of :meth:`in_latent_space`: the likelihood as a function of the image
+        :math:`x` (of the prior's ``event_shape``); ``self`` when it already is."""
+        if self.decode is None:
+            return self
+        image = copy.copy(self)
+        image.event_shape = tuple(self.prior.event_shape)
+        image.decode = None
+        return image
+
     def _conditioned(self, x: ArrayLike, extra_variance: ArrayLike | None) -> Callable:
         """The model with ``x`` (or ``decode(x)`` for a latent ``x``) substituted and the prior
         site hidden from outer handlers."""

@@ -30,9 +30,10 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-import tempfile
+import platform
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -44,6 +45,7 @@ import optax
 
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.diffusion.schedules import Schedule
+from diffprior.io import write_atomically, write_json
 from diffprior.types import Array, ArrayLike, ArrayTree, PRNGKey
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "make_optimizer",
     "train",
     "save_atomically",
+    "save_pretrained",
 ]
 
 
@@ -128,25 +131,38 @@ def make_optimizer(
 
 
 def save_atomically(path: str | os.PathLike, tree: ArrayTree) -> None:
-    """Write ``tree`` with :func:`equinox.tree_serialise_leaves` to a temporary file in the
-    same directory, then :func:`os.replace` it onto ``path``: a reader never sees a partial
-    file, even if training is killed mid-write."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".eqx")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Write ``tree`` with :func:`equinox.tree_serialise_leaves` to ``path`` atomically
+    (:func:`diffprior.io.write_atomically`): a reader never sees a partial file, even if
+    training is killed mid-write."""
+
+    def write(name):
+        with open(name, "wb") as f:
             eqx.tree_serialise_leaves(f, tree)
-        # mkstemp creates the file private (0600); give it the mode a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    write_atomically(path, write)
+
+
+def save_pretrained(
+    out_dir: str | os.PathLike, name: str, tree: ArrayTree, record: dict
+) -> tuple[str, dict]:
+    """Write ``NAME.eqx`` (the serialised ``tree``) and ``NAME.json`` (``record`` plus the
+    weights' file name, sha256 and the machine that trained them) into ``out_dir``, each
+    atomically: the layout :func:`diffprior.pretrained.load` reads and checks.
+
+    Returns the weights' path and the record as written.
+    """
+    weights_path = os.path.join(os.fspath(out_dir), f"{name}.eqx")
+    save_atomically(weights_path, tree)
+    with open(weights_path, "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    record = {
+        **record,
+        "trained_on": f"{platform.machine()}, jax {jax.__version__}, {jax.devices()[0].platform}",
+        "weights_file": f"{name}.eqx",
+        "weights_sha256": sha256,
+    }
+    write_json(os.path.join(os.fspath(out_dir), f"{name}.json"), record)
+    return weights_path, record
 
 
 def train[Net: eqx.Module](

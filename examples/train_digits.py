@@ -16,36 +16,19 @@ The defaults are the shipped settings, so the shipped weights came from exactly
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import platform
-import tempfile
 import time
 
 import jax
 import numpy as np
 
 import diffprior.pretrained as pretrained
-from diffprior.train import save_atomically, train
+from diffprior.train import save_pretrained, train
 
 SCHEDULES = {
     "linear": {"kind": "VP.linear", "beta_min": 0.1, "beta_max": 20.0},
     "cosine": {"kind": "VP.cosine", "s": 0.008, "t_max": 0.999},
 }
-
-
-def write_json_atomically(path: str, record: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile(
-        "w", dir=directory, prefix=".tmp-", suffix=".json", delete=False
-    ) as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    umask = os.umask(0)  # NamedTemporaryFile is private (0600); use open()'s mode
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)
-    os.replace(f.name, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,11 +94,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     seconds = time.perf_counter() - start
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    weights_path = os.path.join(args.out_dir, f"{args.name}.eqx")
-    save_atomically(weights_path, net)
-    with open(weights_path, "rb") as f:
-        sha256 = hashlib.sha256(f.read()).hexdigest()
     command = " ".join(["python", "examples/train_digits.py", *(argv or [])])
     record = {
         "name": args.name,
@@ -124,13 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         "schedule": schedule_config,
         "parameterization": "eps",
         "net": net_config,
-        "data": {
-            "source": "sklearn.datasets.load_digits().images (1797 images, 8x8, values 0..16)",
-            "scaling": "x / 8 - 1: [0, 16] -> [-1, 1]",
-            "train": "first 1500 images (indices 0..1499)",
-            "test": "last 297 images (indices 1500..1796), never trained on",
-            "loader": "diffprior.pretrained.load_digits_split",
-        },
+        "data": pretrained.DIGITS_DATA,
         "data_variance": float(np.mean(np.var(train_images, axis=0))),
         "data_variance_note": "mean over the 64 pixels of the per-pixel variance of the "
         "training images (scaled), for DiffusionPrior(data_variance=...)",
@@ -142,11 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": command,
         "final_loss_mean_last_100": float(np.mean(losses[-100:])),
         "train_seconds": round(seconds, 1),
-        "trained_on": f"{platform.machine()}, jax {jax.__version__}, {jax.devices()[0].platform}",
-        "weights_file": f"{args.name}.eqx",
-        "weights_sha256": sha256,
     }
-    write_json_atomically(os.path.join(args.out_dir, f"{args.name}.json"), record)
+    weights_path, record = save_pretrained(args.out_dir, args.name, net, record)
     print(
         f"wrote {weights_path} ({os.path.getsize(weights_path) / 1e6:.2f} MB) and "
         f"{args.name}.json; {args.num_steps} steps in {seconds:.0f} s, final loss "

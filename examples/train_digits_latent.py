@@ -24,9 +24,7 @@ weights of the same quality).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import platform
 import time
 
 import equinox as eqx
@@ -34,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from train_digits import SCHEDULES, write_json_atomically
+from train_digits import SCHEDULES
 
 import diffprior.pretrained as pretrained
 from diffprior.nets import MLPAutoencoder
-from diffprior.train import make_optimizer, save_atomically, train
+from diffprior.train import make_optimizer, save_pretrained, train
 
 #: Weight of the penalty on the mean squared raw latent (keeps its scale from drifting).
 LATENT_PENALTY = 1e-3
@@ -188,11 +186,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     seconds = time.perf_counter() - start
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    weights_path = os.path.join(args.out_dir, f"{args.name}.eqx")
-    save_atomically(weights_path, (net, autoencoder))
-    with open(weights_path, "rb") as f:
-        sha256 = hashlib.sha256(f.read()).hexdigest()
     command = " ".join(["python", "examples/train_digits_latent.py", *(argv or [])])
     record = {
         "name": args.name,
@@ -226,13 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             "reconstruction_mse_test": reconstruction_mse(test_images),
             "train_seconds": round(ae_seconds, 1),
         },
-        "data": {
-            "source": "sklearn.datasets.load_digits().images (1797 images, 8x8, values 0..16)",
-            "scaling": "x / 8 - 1: [0, 16] -> [-1, 1]",
-            "train": "first 1500 images (indices 0..1499)",
-            "test": "last 297 images (indices 1500..1796), never trained on",
-            "loader": "diffprior.pretrained.load_digits_split",
-        },
+        "data": pretrained.DIGITS_DATA,
         "data_variance": float(np.mean(np.var(latents, axis=0))),
         "data_variance_note": "mean over the latent coordinates of the variance of the "
         "standardised training latents (1 by construction), for DiffusionPrior(data_variance=...)",
@@ -244,11 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": command,
         "final_loss_mean_last_100": float(np.mean(losses[-100:])),
         "train_seconds": round(seconds, 1),
-        "trained_on": f"{platform.machine()}, jax {jax.__version__}, {jax.devices()[0].platform}",
-        "weights_file": f"{args.name}.eqx",
-        "weights_sha256": sha256,
     }
-    write_json_atomically(os.path.join(args.out_dir, f"{args.name}.json"), record)
+    weights_path, record = save_pretrained(args.out_dir, args.name, (net, autoencoder), record)
     print(
         f"wrote {weights_path} ({os.path.getsize(weights_path) / 1e6:.2f} MB) and "
         f"{args.name}.json; autoencoder {args.ae_steps} steps in {ae_seconds:.0f} s (loss "

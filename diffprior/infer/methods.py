@@ -744,6 +744,9 @@ class MCGdiff(Method):
 _RANK_RTOL = 1e-6
 
 
+RESAMPLE_SPACES = ("latent", "pixel")
+
+
 class ReSample(Method):
     r"""ReSample, hard data consistency with stochastic resampling
     (:mod:`diffprior.kernels.resample`; Song et al., ICLR 2024), the latent plug-and-play
@@ -775,6 +778,11 @@ class ReSample(Method):
         unregularised fit, 1 a MAP under a Gaussian approximation of :math:`p(z_0 \mid z_t)`.
     eta
         DDIM stochasticity of the unconditional step (paper: 0, deterministic DDIM).
+    space
+        ``"latent"`` (default): the consistency step optimises :math:`z` through the decoder;
+        ``"pixel"``: it optimises the image :math:`x` from :math:`D(\hat z_0)`, then encodes
+        it (the paper's pixel-space variant; needs a prior with an ``encoder``). On a plain
+        prior the two are the same.
 
     Examples
     --------
@@ -797,8 +805,11 @@ class ReSample(Method):
         learning_rate: float = 0.05,
         proximal_weight: float = 1.0,
         eta: float = 0.0,
+        space: str = "latent",
         spacing: str = "uniform",
     ):
+        if space not in RESAMPLE_SPACES:
+            raise ValueError(f"space must be one of {RESAMPLE_SPACES}, got {space!r}")
         for name, value in (
             ("consistency_every", consistency_every),
             ("num_grad_steps", num_grad_steps),
@@ -825,10 +836,27 @@ class ReSample(Method):
             learning_rate=_check_positive("learning_rate", learning_rate),
             proximal_weight=_check_positive("proximal_weight", proximal_weight, allow_zero=True),
             eta=_check_eta(eta),
+            space=space,
         )
+
+    def check(self, obs: ObservationModel) -> None:
+        if self._options["space"] == "pixel" and obs.decode is not None:
+            if getattr(obs.prior, "encoder", None) is None:
+                raise ModelError(
+                    f"site {obs.prior_site!r}: ReSample(space='pixel') encodes the fitted image, "
+                    "but this LatentDiffusionPrior has no encoder; pass encoder=E to it or use "
+                    "space='latent'"
+                )
 
     def build(self, prior, obs, timesteps):
         opts = self._options
+        pixel = {}
+        if opts["space"] == "pixel" and obs.decode is not None:
+            pixel = {
+                "decode": prior.decode,
+                "encode": prior.encode,
+                "image_log_likelihood_fn": obs.in_image_space().log_likelihood,
+            }
         return resample.as_top_level_api(
             prior.denoiser,
             obs.log_likelihood,
@@ -841,6 +869,7 @@ class ReSample(Method):
             optimizer=optax.adam(opts["learning_rate"]),
             proximal_weight=opts["proximal_weight"],
             data_variance=_unit_data_variance(prior),
+            **pixel,
         )
 
 

@@ -47,8 +47,15 @@ third, where :math:`\hat z_0` is still too poor) it then
    z'_s + \sqrt{w}\, \sigma_s \xi`, defined also at :math:`s = 0` (:math:`c = 1`), so the last
    step (a consistency step by default) returns :math:`(\gamma \hat z_0(y) + z'_0)/(\gamma + 1)`.
 
-Not included: the paper's pixel-space variant of step 1 (optimise the image, then encode) and
-the implementation's look-ahead ("time travel") DDIM steps before the optimisation. Approximate:
+With ``decode`` and ``encode`` (and ``image_log_likelihood_fn``, :math:`\log p(y \mid x)`)
+step 1 runs in **pixel space** instead, the paper's other variant: the same optimisation over
+the image :math:`x`, from :math:`D(\hat z_0)` and with the proximal term
+:math:`\frac{\rho_t}{2} \lVert x - D(\hat z_0) \rVert^2`, then :math:`\hat z_0(y) =
+E(x^\star)`. It costs no decoder Jacobian; how well it works depends on how faithfully the
+encoder inverts the decoder.
+
+Not included: the implementation's look-ahead ("time travel") DDIM steps before the
+optimisation. Approximate:
 particles are independent, with equal weights. Jit-able; ``vmap`` over particles; the inner
 optimisation is a ``lax.fori_loop`` whose trip count is zero at the other steps (so only the
 consistency steps pay for it).
@@ -202,7 +209,11 @@ def build_kernel(
     optimizer: optax.GradientTransformation | None = None,
     proximal_weight: ArrayLike = 1.0,
     data_variance: ArrayLike = 1.0,
+    decode: Callable[[Array], Array] | None = None,
+    encode: Callable[[Array], Array] | None = None,
+    image_log_likelihood_fn: Callable[[Array], Array] | None = None,
 ) -> Callable[[PRNGKey, ReSampleState], tuple[ReSampleState, ReSampleInfo]]:
+    pixel_space = _check_pixel_space(decode, encode, image_log_likelihood_fn)
     schedule = denoiser.schedule
     optimizer = optax.adam(0.05) if optimizer is None else optimizer
     active_steps = jnp.asarray(
@@ -218,7 +229,14 @@ def build_kernel(
         r2 = tweedie_variance(schedule, t, data_variance)
         rho = proximal_weight / jnp.maximum(r2, 1e-12)
         num_iters = jnp.where(active, num_grad_steps, 0)
-        x0_star = data_consistency(log_likelihood_fn, x0_hat, rho, num_iters, optimizer)
+        if pixel_space:
+            image = data_consistency(
+                image_log_likelihood_fn, decode(x0_hat), rho, num_iters, optimizer
+            )
+            x0_star = jnp.where(active, encode(image), x0_hat)
+            x0_star = jnp.where(jnp.all(jnp.isfinite(x0_star)), x0_star, x0_hat)
+        else:
+            x0_star = data_consistency(log_likelihood_fn, x0_hat, rho, num_iters, optimizer)
         resampled = stochastic_resample(resample_key, schedule, x0_star, x_prime, t, s, gamma)
         x_s = jnp.where(active, resampled, x_prime)
         x_s = jnp.where(jnp.all(jnp.isfinite(x_s)), x_s, x_prime)
@@ -237,6 +255,23 @@ def build_kernel(
     return kernel
 
 
+def _check_pixel_space(decode, encode, image_log_likelihood_fn) -> bool:
+    given = [f is not None for f in (decode, encode, image_log_likelihood_fn)]
+    if any(given) and not all(given):
+        raise ValueError(
+            "pixel-space data consistency needs all of decode, encode and "
+            "image_log_likelihood_fn; got only "
+            + ", ".join(
+                name
+                for name, g in zip(
+                    ("decode", "encode", "image_log_likelihood_fn"), given, strict=True
+                )
+                if g
+            )
+        )
+    return all(given)
+
+
 def as_top_level_api(
     denoiser: Denoiser,
     log_likelihood_fn: Callable[[Array], Array],
@@ -250,11 +285,16 @@ def as_top_level_api(
     optimizer: optax.GradientTransformation | None = None,
     proximal_weight: ArrayLike = 1.0,
     data_variance: ArrayLike = 1.0,
+    decode: Callable[[Array], Array] | None = None,
+    encode: Callable[[Array], Array] | None = None,
+    image_log_likelihood_fn: Callable[[Array], Array] | None = None,
 ) -> SamplingAlgorithm:
     r"""ReSample as a ``SamplingAlgorithm(init, step)``; see the module docstring.
 
     ``log_likelihood_fn(z)`` is :math:`\log p(y \mid D(z))` for one particle; ``optimizer``
-    (default ``optax.adam(0.05)``) runs the ``num_grad_steps`` data-consistency steps."""
+    (default ``optax.adam(0.05)``) runs the ``num_grad_steps`` data-consistency steps. Passing
+    ``decode``, ``encode`` and ``image_log_likelihood_fn`` (:math:`\log p(y \mid x)`) moves
+    them to pixel space."""
     kernel = build_kernel(
         denoiser,
         log_likelihood_fn,
@@ -267,6 +307,9 @@ def as_top_level_api(
         optimizer=optimizer,
         proximal_weight=proximal_weight,
         data_variance=data_variance,
+        decode=decode,
+        encode=encode,
+        image_log_likelihood_fn=image_log_likelihood_fn,
     )
 
     def init_fn(particles: Array, rng_key: PRNGKey | None = None) -> ReSampleState:

@@ -181,6 +181,16 @@ def load(name: str, **prior_options: Any) -> DiffusionPrior:
     return DiffusionPrior(denoiser, event_shape=event_shape, **options)
 
 
+#: The data block of the digits priors' metadata: where the images come from and the split.
+DIGITS_DATA = {
+    "source": "sklearn.datasets.load_digits().images (1797 images, 8x8, values 0..16)",
+    "scaling": "x / 8 - 1: [0, 16] -> [-1, 1]",
+    "train": "first 1500 images (indices 0..1499)",
+    "test": "last 297 images (indices 1500..1796), never trained on",
+    "loader": "diffprior.pretrained.load_digits_split",
+}
+
+
 def load_digits_split() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 8x8 digits scaled from ``[0, 16]`` to ``[-1, 1]`` (``x / 8 - 1``), split
     into ``(train, test)``: the first 1500 images, shape ``(1500, 8, 8)``, and the last 297,

@@ -179,6 +179,67 @@ def test_student_t_likelihood_and_pixel_space_prior():
     )
 
 
+def encoder(x):
+    """The decoder's left inverse: arctanh, then the least-squares solve for z."""
+    return jnp.linalg.lstsq(W, jnp.arctanh(jnp.clip(x, -0.999, 0.999)) - B)[0]
+
+
+PRIOR_WITH_ENCODER = dp.LatentDiffusionPrior(
+    LATENT.denoiser,
+    decoder,
+    (6,),
+    (2,),
+    encoder=encoder,
+    data_variance=float(jnp.mean(LATENT.variance)),
+)
+
+
+def model_with_encoder(y=None):
+    x = numpyro.sample("x", PRIOR_WITH_ENCODER)
+    numpyro.sample("y", dist.Normal(x[:3], SIGMA_Y).to_event(1), obs=y)
+
+
+def test_pixel_space_consistency_is_far_more_data_consistent_than_unguided():
+    """The paper's pixel-space variant: fit the image, then encode it. Measured (256 draws, 30
+    steps): mean ||A(x) - y|| 1.37 unguided, 0.51 here (sd 0.26, se 0.016) and 0.26 in latent
+    space (the encoder's clipped arctanh loses some of the fit). A factor 0.5 leaves ten
+    standard errors; without the consistency steps it is unguided DDIM (about 1.4) and fails."""
+    unguided = residuals(dp.Unguided(model_with_encoder))
+    pixel = residuals(dp.ReSample(model_with_encoder, space="pixel"))
+    assert pixel.mean() < 0.5 * unguided.mean(), (pixel.mean(), unguided.mean())
+
+
+def test_pixel_space_equals_latent_space_under_an_identity_autoencoder():
+    """With D = E = identity the two variants solve the same problem with the same optimiser,
+    so they draw the same samples from the same key."""
+    identity = dp.LatentDiffusionPrior(
+        LATENT.denoiser, lambda z: z, (2,), (2,), encoder=lambda x: x, data_variance=2.5
+    )
+
+    def identity_model(y=None):
+        x = numpyro.sample("x", identity)
+        numpyro.sample("y", dist.Normal(x[0], 0.1), obs=y)
+
+    draws = {}
+    for space in ("latent", "pixel"):
+        sampler = dp.Sampler(
+            dp.ReSample(identity_model, space=space, consistency_every=3),
+            32,
+            12,
+            progress_bar=False,
+        )
+        sampler.run(jax.random.key(4), y=1.0)
+        draws[space] = np.asarray(sampler.get_samples()["x"])
+    np.testing.assert_allclose(draws["pixel"], draws["latent"], atol=1e-5)
+    assert np.mean(np.abs(draws["pixel"][:, 0] - 1.0)) < 0.3
+
+
+def test_pixel_space_needs_an_encoder():
+    sampler = dp.Sampler(dp.ReSample(model, space="pixel"), 8, 5, progress_bar=False)
+    with pytest.raises(dp.model.ModelError, match="no encoder"):
+        sampler.run(jax.random.key(0), y=Y)
+
+
 def test_no_nan_leaves_the_kernel_when_the_likelihood_is_ill_defined():
     """sqrt(x) is NaN for negative x, about half the latents: the particles stay finite."""
 
@@ -204,6 +265,7 @@ def test_no_nan_leaves_the_kernel_when_the_likelihood_is_ill_defined():
         ({"learning_rate": -1.0}, ValueError, "learning_rate must be > 0"),
         ({"proximal_weight": -1.0}, ValueError, "proximal_weight must be >= 0"),
         ({"eta": 2.0}, ValueError, "eta must be in"),
+        ({"space": "image"}, ValueError, "space must be one of"),
         ({"skip": 10}, TypeError, "skip"),
     ],
 )
