@@ -4,6 +4,7 @@ twisted sequential Monte Carlo."""
 from importlib.metadata import PackageNotFoundError, version
 
 from diffprior import diagnostics, diffusion, kernels, operators, pretrained, problems, schedules
+from diffprior.baselines import compare, plot_compare  # also binds dp.baselines
 from diffprior.diffusion import Denoiser
 from diffprior.infer import DPS, FK, TDS, DiffPIR, MCGdiff, PiGDM, ReSample, Sampler, Unguided
 from diffprior.priors import DiffusionPrior, GaussianMixture, LatentDiffusionPrior
@@ -35,4 +36,7 @@ __all__ = [
     "DiffusionPrior",
     "LatentDiffusionPrior",
     "GaussianMixture",
+    "baselines",
+    "compare",
+    "plot_compare",
 ]

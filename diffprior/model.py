@@ -50,7 +50,14 @@ from numpyro.primitives import Messenger
 from diffprior.priors.diffusion_prior import DiffusionPrior
 from diffprior.types import Array, ArrayLike
 
-__all__ = ["ModelError", "ObservationModel", "inflate_variance", "read_model"]
+__all__ = [
+    "ModelError",
+    "ObservationModel",
+    "inflate_variance",
+    "read_model",
+    "is_diffusion_prior",
+    "unwrap_distribution",
+]
 
 _WRAPPERS = (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)
 
@@ -60,20 +67,21 @@ class ModelError(ValueError):
     expected versus the given value."""
 
 
-def _unwrap(fn: dist.Distribution) -> dist.Distribution:
+def unwrap_distribution(fn: dist.Distribution) -> dist.Distribution:
     """The distribution inside any ``Independent`` / ``Expanded`` / ``Masked`` wrappers."""
     while isinstance(fn, _WRAPPERS):
         fn = fn.base_dist
     return fn
 
 
-def _is_diffusion_prior(fn: Any) -> bool:
-    return isinstance(fn, dist.Distribution) and isinstance(_unwrap(fn), DiffusionPrior)
+def is_diffusion_prior(fn: Any) -> bool:
+    """Whether a sample site's distribution is a (possibly wrapped) DiffusionPrior."""
+    return isinstance(fn, dist.Distribution) and isinstance(unwrap_distribution(fn), DiffusionPrior)
 
 
 def _is_factor(site: Mapping[str, Any]) -> bool:
     """Whether a site is a :func:`numpyro.factor` term (a ``Unit`` pseudo-observation)."""
-    return isinstance(_unwrap(site["fn"]), Unit)
+    return isinstance(unwrap_distribution(site["fn"]), Unit)
 
 
 def _inflate(fn: dist.Distribution, extra_variance: ArrayLike) -> dist.Distribution:
@@ -273,7 +281,7 @@ class ObservationModel:
         """Observed site -> the class name of its (unwrapped) distribution, e.g. ``"Normal"``."""
         x = jnp.zeros(self.event_shape, jnp.result_type(float))
         tr = handlers.trace(self._conditioned(x, None)).get_trace(*self.args, **self.kwargs)
-        return {name: type(_unwrap(tr[name]["fn"])).__name__ for name in self.observed}
+        return {name: type(unwrap_distribution(tr[name]["fn"])).__name__ for name in self.observed}
 
     def observation_scale(self, x: ArrayLike) -> Array:
         """Each observed site's noise ``scale`` (Normal, StudentT, Laplace, ...), broadcast to
@@ -285,7 +293,7 @@ class ObservationModel:
         scales = []
         for name in self.observed:
             fn = tr[name]["fn"]
-            base = _unwrap(fn)
+            base = unwrap_distribution(fn)
             if not hasattr(base, "scale"):
                 raise ModelError(
                     f"site {name!r}: {type(base).__name__} observations have no noise scale"
@@ -306,7 +314,7 @@ class ObservationModel:
 
 def _check_prior_site(site: Mapping[str, Any]) -> DiffusionPrior:
     name, fn = site["name"], site["fn"]
-    prior = _unwrap(fn)
+    prior = unwrap_distribution(fn)
     if site["is_observed"]:
         raise ModelError(
             f"site {name!r}: the DiffusionPrior site is observed (obs=...), but it must be the "
@@ -410,7 +418,7 @@ def read_model(
     kwargs = dict(kwargs or {})
 
     def zeros_at_prior(msg: dict[str, Any]) -> Array | None:
-        if msg["type"] == "sample" and not msg["is_observed"] and _is_diffusion_prior(msg["fn"]):
+        if msg["type"] == "sample" and not msg["is_observed"] and is_diffusion_prior(msg["fn"]):
             return jnp.zeros(msg["fn"].shape(), jnp.result_type(float))
         return None
 
@@ -420,10 +428,11 @@ def read_model(
     sites = traced.get_trace(*args, **kwargs)
     sample_sites = [site for site in sites.values() if site["type"] == "sample"]
 
-    prior_sites = [site for site in sample_sites if _is_diffusion_prior(site["fn"])]
+    prior_sites = [site for site in sample_sites if is_diffusion_prior(site["fn"])]
     if not prior_sites:
         found = ", ".join(
-            f"{site['name']!r} ({type(_unwrap(site['fn'])).__name__})" for site in sample_sites
+            f"{site['name']!r} ({type(unwrap_distribution(site['fn'])).__name__})"
+            for site in sample_sites
         )
         raise ModelError(
             "the model has no DiffusionPrior sample site; write x = numpyro.sample('x', prior) "

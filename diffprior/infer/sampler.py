@@ -24,12 +24,12 @@ from diffprior.infer.methods import Method
 from diffprior.model import read_model
 from diffprior.types import PRNGKey
 
-__all__ = ["Sampler", "CHAIN_METHODS"]
+__all__ = ["Sampler", "CHAIN_METHODS", "ProgressBar", "as_key"]
 
 CHAIN_METHODS = ("vectorized", "sequential", "parallel")
 
 
-class _Progress:
+class ProgressBar:
     """A tqdm bar that a compiled scan updates through a host callback.
 
     The callback closes over this object, not over one bar, so a cached compiled run shows a
@@ -119,7 +119,7 @@ class Sampler:
         self.num_chains = int(num_chains)
         self.chain_method = chain_method
         self.progress_bar = bool(progress_bar)
-        self._progress = _Progress()
+        self._progress = ProgressBar()
         self._num_compilations = 0
         self._compiled = eqx.filter_jit(self._run_impl)
         self._result: dict[str, Any] | None = None
@@ -206,7 +206,7 @@ class Sampler:
         The model is read and checked first (clear errors before any sampling). A second call
         with arrays of the same shapes reuses the compiled program.
         """
-        rng_key = _as_key(rng_key)
+        rng_key = as_key(rng_key)
         obs = read_model(self.method.model, args, kwargs)
         self.method.check(obs.in_latent_space())
         self._obs = obs
@@ -281,7 +281,8 @@ def _shard_chains(x):
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 
-def _as_key(rng_key):
+def as_key(rng_key):
+    """A typed PRNG key from an int, a typed key or a legacy ``uint32[2]`` key."""
     if isinstance(rng_key, int):
         return jax.random.key(rng_key)
     rng_key = jnp.asarray(rng_key) if not isinstance(rng_key, jax.Array) else rng_key
