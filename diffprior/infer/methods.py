@@ -189,8 +189,11 @@ class TDS(Method):
     resampling
         ``"systematic"``, ``"stratified"``, ``"multinomial"`` or ``"residual"``.
     variance_inflation
-        ``None`` or ``"pigdm"``: twist with the Gaussian or Student-t scale widened by
-        :math:`r_t^2 = \sigma_t^2/(\alpha_t^2 + \sigma_t^2)` (other likelihoods unchanged).
+        ``"jacobian"`` (default), ``"pigdm"`` or ``None``: the twist's Gaussian or Student-t
+        variance is widened by :math:`r_t^2 g_i`, with :math:`r_t^2 = \mathrm{Var}[x_0 \mid
+        x_t]` for Gaussian data of the prior's variance and :math:`g_i` the squared row norm of
+        the operator's Jacobian (``"jacobian"``) or 1 (``"pigdm"``); ``None`` is the TDS
+        paper's plain :math:`p(y \mid \hat x_0)` (see :func:`likelihood_twist`).
     eta
         DDIM stochasticity of the transition; must be > 0 for guided proposals to matter.
     """
