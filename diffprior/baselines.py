@@ -50,12 +50,17 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.infer
 from blackjax.mcmc import random_walk
-from numpyro import handlers
 
 from diffprior.diagnostics import sliced_wasserstein
 from diffprior.infer.sampler import CHAIN_METHODS, ProgressBar, Sampler, as_key
 from diffprior.kernels.smc import resampling_fn as get_resampling_fn
-from diffprior.model import ModelError, is_diffusion_prior, read_model, unwrap_distribution
+from diffprior.model import (
+    ModelError,
+    is_diffusion_prior,
+    read_model,
+    sample_sites_at_zeros,
+    unwrap_distribution,
+)
 from diffprior.priors.gaussian_mixture import GaussianMixture
 from diffprior.types import Array, ArrayLike, PRNGKey
 
@@ -92,15 +97,7 @@ def _require_log_density(model: Callable, args: Sequence[Any], kwargs: Mapping[s
     Returns the trace's sample sites.
     """
 
-    def zeros_at_prior(msg: dict[str, Any]) -> Array | None:
-        if msg["type"] == "sample" and not msg["is_observed"] and is_diffusion_prior(msg["fn"]):
-            return jnp.zeros(msg["fn"].shape(), jnp.result_type(float))
-        return None
-
-    traced = handlers.trace(
-        handlers.seed(handlers.substitute(model, substitute_fn=zeros_at_prior), rng_seed=0)
-    )
-    sites = [s for s in traced.get_trace(*args, **kwargs).values() if s["type"] == "sample"]
+    sites = sample_sites_at_zeros(model, args, kwargs)
     for site in sites:
         if site["is_observed"] or not is_diffusion_prior(site["fn"]):
             continue

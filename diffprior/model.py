@@ -55,6 +55,7 @@ __all__ = [
     "ObservationModel",
     "inflate_variance",
     "read_model",
+    "sample_sites_at_zeros",
     "is_diffusion_prior",
     "unwrap_distribution",
 ]
@@ -368,6 +369,23 @@ def _check_observed(site: Mapping[str, Any]) -> Array:
     return jnp.asarray(value)
 
 
+def sample_sites_at_zeros(
+    model: Callable, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The model's sample sites, traced once with zeros at every DiffusionPrior site (no
+    diffusion is run) and a fixed seed for any other latent site."""
+
+    def zeros_at_prior(msg: dict[str, Any]) -> Array | None:
+        if msg["type"] == "sample" and not msg["is_observed"] and is_diffusion_prior(msg["fn"]):
+            return jnp.zeros(msg["fn"].shape(), jnp.result_type(float))
+        return None
+
+    traced = handlers.trace(
+        handlers.seed(handlers.substitute(model, substitute_fn=zeros_at_prior), rng_seed=0)
+    )
+    return [s for s in traced.get_trace(*args, **kwargs).values() if s["type"] == "sample"]
+
+
 def read_model(
     model: Callable, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
 ) -> ObservationModel:
@@ -416,17 +434,7 @@ def read_model(
     """
     args = tuple(args)
     kwargs = dict(kwargs or {})
-
-    def zeros_at_prior(msg: dict[str, Any]) -> Array | None:
-        if msg["type"] == "sample" and not msg["is_observed"] and is_diffusion_prior(msg["fn"]):
-            return jnp.zeros(msg["fn"].shape(), jnp.result_type(float))
-        return None
-
-    traced = handlers.trace(
-        handlers.seed(handlers.substitute(model, substitute_fn=zeros_at_prior), rng_seed=0)
-    )
-    sites = traced.get_trace(*args, **kwargs)
-    sample_sites = [site for site in sites.values() if site["type"] == "sample"]
+    sample_sites = sample_sites_at_zeros(model, args, kwargs)
 
     prior_sites = [site for site in sample_sites if is_diffusion_prior(site["fn"])]
     if not prior_sites:
