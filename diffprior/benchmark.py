@@ -39,6 +39,7 @@ __all__ = [
     "METHODS",
     "DEFAULT_CELLS",
     "DIGIT_METHODS",
+    "DIGIT_DEFAULT_METHODS",
     "gmm_rows",
     "gmm_table",
     "digits_rows",
@@ -66,6 +67,7 @@ METHODS: dict[str, Callable | None] = {
     "fk": lambda model: FK(model),
     "fk-max": lambda model: FK(model, potential="max"),
     "mcgdiff": lambda model: MCGdiff(model),
+    "mcgdiff-gaussian": lambda model: MCGdiff(model, potential="gaussian"),
     "mcgdiff-paper": lambda model: MCGdiff(model, potential="pinned", twisted=False),
 }
 DEFAULT_CELLS = tuple((d, dy) for d in (8, 80, 800) for dy in (1, 2, 4))
@@ -229,7 +231,11 @@ DIGIT_METHODS: dict[str, tuple[Callable, str]] = {
     "diffpir": (lambda model: DiffPIR(model), "digits"),
     "mcgdiff": (lambda model: MCGdiff(model), "digits"),
     "resample": (lambda model: ReSample(model), "digits-latent"),
+    "mcgdiff-gaussian": (lambda model: MCGdiff(model, potential="gaussian"), "digits"),
 }
+#: What ``diffprior benchmark digits`` runs by default: one row per method (the variants on
+#: request).
+DIGIT_DEFAULT_METHODS = ("tds", "dps", "pigdm", "diffpir", "mcgdiff", "resample")
 DIGIT_TASKS = ("inpaint", "superres")
 
 

@@ -278,7 +278,13 @@ def _cell(value: str) -> tuple[int, int]:
 
 
 def add_benchmark_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from diffprior.benchmark import DEFAULT_CELLS, DIGIT_METHODS, DIGIT_TASKS, METHODS
+    from diffprior.benchmark import (
+        DEFAULT_CELLS,
+        DIGIT_DEFAULT_METHODS,
+        DIGIT_METHODS,
+        DIGIT_TASKS,
+        METHODS,
+    )
 
     parser = subparsers.add_parser(
         "benchmark",
@@ -337,10 +343,10 @@ def add_benchmark_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     digits.add_argument(
         "--methods",
         nargs="+",
-        default=list(DIGIT_METHODS),
+        default=list(DIGIT_DEFAULT_METHODS),
         choices=list(DIGIT_METHODS),
         metavar="METHOD",
-        help=f"methods (default: all of {', '.join(DIGIT_METHODS)})",
+        help=f"methods (default: {', '.join(DIGIT_DEFAULT_METHODS)})",
     )
     digits.add_argument("--tasks", nargs="+", default=list(DIGIT_TASKS), choices=list(DIGIT_TASKS))
     digits.add_argument(

@@ -609,17 +609,20 @@ class MCGdiff(Method):
     Parameters
     ----------
     potential
-        The intermediate potentials along the observed directions: ``"gaussian"`` (the
-        likelihood given :math:`x_t` for a Gaussian prior with the prior's mean and variance),
-        ``"flat"`` or ``"pinned"`` (the paper's noisy scheme); see
+        The intermediate potentials along the observed directions, which shape the proposal:
+        ``"tweedie"`` (default; the likelihood given :math:`x_t` for a Gaussian denoiser,
+        centred at each particle's own :math:`\hat x_0`, so it follows the mode the particle
+        is in), ``"gaussian"`` (the same for a Gaussian prior with the prior's mean and
+        variance), ``"flat"`` or ``"pinned"`` (the paper's noisy scheme); see
         :mod:`diffprior.kernels.mcgdiff`. All are exact in the limit of many particles.
     twisted
         Weight by the likelihood at the denoiser's :math:`\hat x_0` (TDS's twist, widened by
         the Tweedie variance) while proposing with the potentials; still no gradient. The
-        default: on the Gaussian-mixture benchmark it keeps the log-evidence error within
-        about 0.2 nats where the untwisted potentials scatter by a nat or more.
-        ``MCGdiff(model, potential="pinned", twisted=False)`` is the paper's noisy algorithm
-        and ``potential="flat", twisted=False, noiseless=True`` its noiseless one.
+        default, and needed by ``"tweedie"``: on the Gaussian-mixture benchmark it keeps the
+        log-evidence error within about 0.2 nats where the untwisted potentials scatter by a
+        nat or more. ``MCGdiff(model, potential="pinned", twisted=False)`` is the paper's
+        noisy algorithm and ``potential="flat", twisted=False, noiseless=True`` its noiseless
+        one.
     noiseless
         Treat the observation as exact, :math:`y = A x` (the model's noise scale then only
         weights the observations); the samples reproduce ``y`` through ``A`` and the
@@ -646,7 +649,7 @@ class MCGdiff(Method):
         model: Callable,
         *,
         noiseless: bool = False,
-        potential: str = "gaussian",
+        potential: str = "tweedie",
         twisted: bool = True,
         ess_threshold: float = 0.5,
         resampling: str = "systematic",
@@ -655,12 +658,18 @@ class MCGdiff(Method):
     ):
         if not isinstance(twisted, bool):
             raise TypeError(f"twisted must be True or False, got {twisted!r}")
-        if twisted and potential == "pinned":
-            raise ValueError("twisted=True needs the 'gaussian' or 'flat' potential")
         if not isinstance(noiseless, bool):
             raise TypeError(f"noiseless must be True or False, got {noiseless!r}")
         if potential not in mcgdiff.POTENTIALS:
             raise ValueError(f"potential must be one of {mcgdiff.POTENTIALS}, got {potential!r}")
+        if twisted and potential == "pinned":
+            raise ValueError("twisted=True needs the 'tweedie', 'gaussian' or 'flat' potential")
+        if not twisted and potential in mcgdiff.ANCHORED_POTENTIALS:
+            raise ValueError(
+                f"the {potential!r} potential needs twisted=True (it depends on the parent "
+                "particle, so only the twist can weight it); with twisted=False choose "
+                "'gaussian', 'flat' or 'pinned'"
+            )
         smc.resampling_fn(resampling)
         eta = _check_eta(eta)
         if eta == 0:

@@ -14,7 +14,7 @@ carry a Gaussian potential
 
 that ends at the exact likelihood, :math:`g_{K,i} = N(\tilde y_i; \bar x_{0,i}, c_i^2)`, so
 the final target is the posterior for any intermediate choice (which only sets the variance of
-the weights). Three choices (``potential``):
+the weights). Four choices (``potential``):
 
 - ``"gaussian"`` (default): :math:`p(\tilde y_i \mid \bar x_{t,i})` exactly when
   :math:`\bar x_{0,i} \sim N(\mu_i, v_i)` (the prior's moments along the direction):
@@ -29,7 +29,21 @@ the weights). Three choices (``potential``):
   :math:`k_i = \min\{k : \rho_{t_k} \le c_i\}`, :math:`a = 1/\alpha_t`, :math:`b = 0`,
   :math:`e = \lvert \rho_t^2 - c_i^2 \rvert` up to :math:`k_i` (the forward noising of the
   pinned value before, the exact likelihood of :math:`\tilde y_i` given
-  :math:`\bar x_{t_{k_i}}` at :math:`k_i`), and no potential after.
+  :math:`\bar x_{t_{k_i}}` at :math:`k_i`), and no potential after;
+- ``"tweedie"`` (with the twist below; the default of :class:`diffprior.MCGdiff`): the
+  ``"gaussian"`` slope and variance, but centred at the parent particle's own denoiser
+  estimate instead of the prior mean. The Tweedie mean is a martingale along the reverse
+  chain, :math:`E[\hat x_0(x_s) \mid x_t] = \hat x_0(x_t)`, so with the slope
+  :math:`a_s` of a Gaussian denoiser the proposal potential for the step from :math:`x_t` is
+
+  .. math::
+      g(\bar x_s \mid x_t) = N\big(\tilde y_i;\ \bar{\hat x}_{0,i}(x_t) + a_{s,i}(\bar x_{s,i}
+      - \bar m_i),\ e_{s,i}\big),
+
+  the twist :math:`h_s` linearised around the reverse mean :math:`\bar m` without a network
+  gradient. It knows which mode the particle is in, where the prior-mean potentials do not,
+  so the proposal follows the twist that weights it. For a Gaussian prior it is the exact
+  conditional and every weight increment is zero.
 
 Each step proposes the observed coordinates from the reverse Gaussian step
 :math:`N(\bar m, v)` times the potential (a Kalman update in closed form; a zero variance pins
@@ -40,7 +54,10 @@ alone, and weights by
     w_k = \prod_{i\ \mathrm{active}} \frac{N(\tilde y_i;\ a_{k,i} \bar m_i + b_{k,i},\
     a_{k,i}^2 v + e_{k,i})}{g_{k-1,i}(\bar x_{t_{k-1},i})}.
 
-Only the observed directions (at most ``dy``) are touched, so a step costs one network
+(with the ``"tweedie"`` potential, :math:`w_k = N(\tilde y;\ \bar{\hat x}_0(x_t),\ a^2 v +
+e_k)\, h_k(x_{t_k}) / \big(g(\bar x_{t_k} \mid x_{t_{k-1}})\, h_{k-1}(x_{t_{k-1}})\big)`
+per coordinate, with :math:`h_K` the likelihood). Only the observed directions (at most
+``dy``) are touched, so a step costs one network
 evaluation per particle plus :math:`O(d\,d_y)`; no gradient is needed. The product of the
 normalising constants estimates :math:`\int p(x_0) \prod_i N(\tilde y_i; \bar x_{0,i}, c_i^2)
 \, dx_0`; ``log_evidence_offset`` adds the change of variables to :math:`p(y)`.
@@ -120,7 +137,10 @@ class PotentialPlan(NamedTuple):
     active: Array
 
 
-POTENTIALS = ("gaussian", "flat", "pinned")
+POTENTIALS = ("gaussian", "flat", "pinned", "tweedie")
+
+#: The potentials centred at each particle's denoiser estimate; they need the twist.
+ANCHORED_POTENTIALS = ("tweedie",)
 
 
 def potential_plan(
@@ -135,7 +155,8 @@ def potential_plan(
     r"""The potentials of the module docstring for noise ratios :math:`c_i` (``0``
     noiseless); coordinates with ``observed`` False are never active. ``data_mean`` and
     ``data_variance`` (per coordinate, or scalars) are the prior's moments along the observed
-    directions, used by the ``"gaussian"`` potential."""
+    directions, used by the ``"gaussian"`` and ``"tweedie"`` potentials (``"tweedie"`` has the
+    ``"gaussian"`` slope and variance; its offset is per particle, set in the kernel)."""
     if potential not in POTENTIALS:
         raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
     schedule = denoiser.schedule
@@ -144,7 +165,7 @@ def potential_plan(
     c2 = jnp.asarray(noise_ratio, jnp.float32)[None, :] ** 2
     num = timesteps.shape[0]
     all_times = jnp.broadcast_to(observed[None, :], (num, observed.shape[0]))
-    if potential == "gaussian":
+    if potential in ("gaussian", "tweedie"):
         mean = jnp.asarray(data_mean, jnp.float32)
         v = jnp.asarray(data_variance, jnp.float32)
         denom = alpha**2 * v + sigma**2
@@ -242,8 +263,13 @@ def build_kernel(
     data_variance: ArrayLike = 1.0,
     ess_threshold: float = 0.5,
     resample_fn: Callable = smc.RESAMPLING_SCHEMES["systematic"],
+    anchored: bool = False,
 ) -> Callable[[PRNGKey, MCGdiffState], tuple[MCGdiffState, MCGdiffInfo]]:
-    """Build the MCGdiff step (arguments as in :func:`as_top_level_api`)."""
+    """Build the MCGdiff step (arguments as in :func:`as_top_level_api`). ``anchored``
+    centres the potentials at the parent particle's denoiser estimate (the ``"tweedie"``
+    potential of the module docstring) and needs ``twist``."""
+    if anchored and twist is None:
+        raise ValueError("anchored potentials need the twist: the potential depends on the parent")
     last_step = timesteps.shape[0] - 2
     # the last reverse step of a network without local variance is deterministic; a pinned
     # (noiseless) coordinate needs its spread Var[x0 | x_t1] for the weights to exist
@@ -277,7 +303,11 @@ def build_kernel(
         noise_coords = _project(basis, noise)
         slope, offset = plan.slope[k + 1], plan.offset[k + 1]
         obs_variance, active = plan.variance[k + 1], plan.active[k + 1]
-        predicted = slope * mean_coords + offset
+        if anchored:  # E[x0_hat(x_s) | x_t] = x0_hat(x_t); the last potential is the likelihood
+            anchor = _project(basis, x0_hat_t)
+            predicted = jnp.where(k == last_step, mean_coords, anchor)
+        else:
+            predicted = slope * mean_coords + offset
         total = slope**2 * variance + obs_variance
         pinned = total <= 0.0
         gain = jnp.where(pinned, 1.0 / slope, slope * variance / jnp.where(pinned, 1.0, total))
@@ -292,21 +322,32 @@ def build_kernel(
         log_numerator = jnp.sum(
             jnp.where(active, _log_normal(pseudo_obs, predicted, total), 0.0), axis=-1
         )
-        previous = _log_normal(
-            pseudo_obs, plan.slope[k] * _project(basis, x_t) + plan.offset[k], plan.variance[k]
-        )
-        log_denominator = jnp.sum(jnp.where(active, previous, 0.0), axis=-1)
-        log_increment = log_numerator - log_denominator
-
         x0_hat_s = _x0_hat(denoiser, x_s, s)
-        if twist is not None:
-            log_potential_s = _log_potential(_project(basis, x_s), pseudo_obs, plan, k + 1)
-            correction_s = _log_correction(
-                twist, basis, pseudo_obs, x0_hat_s, log_potential_s, k + 1, k == last_step
+        correction_s = correction_t
+        if anchored:
+            # the twist over the proposal potential at x_s (both are the likelihood at the last
+            # step), over the parent's twist
+            potential_s = _log_normal(
+                pseudo_obs,
+                predicted + slope * (_project(basis, x_s) - mean_coords),
+                obs_variance,
             )
-            log_increment = log_increment + correction_s - correction_t
+            twist_s = _log_normal(pseudo_obs, _project(basis, x0_hat_s), twist.variance[k + 1])
+            twist_t = _log_normal(pseudo_obs, anchor, twist.variance[k])
+            terms = jnp.where(k == last_step, 0.0, twist_s - potential_s) - twist_t
+            log_increment = log_numerator + jnp.sum(jnp.where(active, terms, 0.0), axis=-1)
         else:
-            correction_s = correction_t
+            previous = _log_normal(
+                pseudo_obs, plan.slope[k] * _project(basis, x_t) + plan.offset[k], plan.variance[k]
+            )
+            log_denominator = jnp.sum(jnp.where(active, previous, 0.0), axis=-1)
+            log_increment = log_numerator - log_denominator
+            if twist is not None:
+                log_potential_s = _log_potential(_project(basis, x_s), pseudo_obs, plan, k + 1)
+                correction_s = _log_correction(
+                    twist, basis, pseudo_obs, x0_hat_s, log_potential_s, k + 1, k == last_step
+                )
+                log_increment = log_increment + correction_s - correction_t
 
         update = smc.reweight(decision.log_weights, log_increment)
         new_state = MCGdiffState(
@@ -368,7 +409,8 @@ def as_top_level_api(
     eta
         DDIM stochasticity of the reverse step (must be > 0 for the proposal to move).
     potential
-        ``"gaussian"`` (default), ``"flat"`` or ``"pinned"`` (module docstring).
+        ``"gaussian"`` (default), ``"flat"``, ``"pinned"`` or ``"tweedie"`` (module
+        docstring; ``"tweedie"`` needs ``twisted=True``).
     twisted
         Reweight by the twist :math:`h_k` of :class:`Twist` (the likelihood at the denoiser's
         :math:`\hat x_0`, widened by its Tweedie variance) in place of the potentials, which
@@ -376,7 +418,7 @@ def as_top_level_api(
         \frac{h_k / g_k}{h_{k-1} / g_{k-1}}`, with :math:`h_K = g_K` the likelihood.
     data_mean, data_variance
         The prior's mean and variance along the observed directions (``(r,)`` or scalars):
-        the ``"gaussian"`` potentials use them, and the mean variance sets the spread of the
+        the ``"gaussian"`` and ``"tweedie"`` potentials use them, and the mean variance sets the spread of the
         last step when the network's own last step is deterministic.
     ess_threshold, resampling
         Adaptive resampling with a :mod:`blackjax.smc.resampling` scheme.
@@ -392,10 +434,13 @@ def as_top_level_api(
     plan = potential_plan(
         denoiser, timesteps, noise_ratio, observed, potential, data_mean, data_variance
     )
+    anchored = potential in ANCHORED_POTENTIALS
+    if anchored and not twisted:
+        raise ValueError(f"the {potential!r} potential needs twisted=True")
     twist = None
     if twisted:
         if potential == "pinned":
-            raise ValueError("twisted=True needs the 'gaussian' or 'flat' potential")
+            raise ValueError("twisted=True needs the 'gaussian', 'flat' or 'tweedie' potential")
         # Var[x0_i | x_t] along each direction, (K + 1, r)
         direction_variance = jnp.broadcast_to(jnp.asarray(data_variance), pseudo_obs.shape)
         tweedie = jax.vmap(lambda t: tweedie_variance(denoiser.schedule, t, direction_variance))(
@@ -413,6 +458,7 @@ def as_top_level_api(
         data_variance=data_variance,
         ess_threshold=ess_threshold,
         resample_fn=resample_fn,
+        anchored=anchored,
     )
 
     def init_fn(particles: Array, rng_key: PRNGKey | None = None) -> MCGdiffState:
