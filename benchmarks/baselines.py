@@ -35,7 +35,7 @@ import numpy as np
 from numpyro.infer import init_to_sample
 
 import diffprior as dp
-from diffprior.benchmark import mixture_model
+from diffprior.benchmark import exact_reference, mixture_model
 from diffprior.diagnostics import sliced_wasserstein
 from diffprior.io import write_text
 from diffprior.problems import mixture_problem
@@ -75,12 +75,8 @@ class Problem:
         self.cell, self.seed = (dim, obs_dim), seed
         self.problem = mixture_problem(jax.random.key(seed), dim, obs_dim)
         posterior = self.problem.posterior
-        key_a, key_b, self.key_projections = jax.random.split(jax.random.key(10_000 + seed), 3)
-        self.exact = posterior.sample(key_a, (NUM_EXACT,))
-        self.floor = float(
-            sliced_wasserstein(
-                self.key_projections, self.exact, posterior.sample(key_b, (NUM_EXACT,))
-            )
+        self.exact, self.key_projections, self.floor = exact_reference(
+            self.problem, seed, NUM_EXACT
         )
         self.means = np.asarray(self.problem.prior.means)
         self.weights = np.asarray(posterior.weights)

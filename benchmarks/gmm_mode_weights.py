@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import diffprior as dp
-from diffprior.benchmark import METHODS, mixture_model
+from diffprior.benchmark import METHODS, exact_reference, mixture_model
 from diffprior.diagnostics import sliced_wasserstein
 from diffprior.problems import mixture_problem
 
@@ -42,9 +42,7 @@ def cell_summary(method: str, cell, seeds: int, particles: int, steps: int, samp
     for seed in range(seeds):
         problem = mixture_problem(jax.random.key(seed), *cell)
         post = problem.posterior
-        key_a, key_b, key_p = jax.random.split(jax.random.key(10_000 + seed), 3)
-        exact = post.sample(key_a, (samples,))
-        floor = float(sliced_wasserstein(key_p, exact, post.sample(key_b, (samples,))))
+        exact, key_p, floor = exact_reference(problem, seed, samples)
         sampler.run(jax.random.key(seed), problem.prior, problem.A, problem.sigma_y, y=problem.y)
         x = sampler.get_samples()["x"][:samples]
         stats = sampler.to_arviz()["sample_stats"]

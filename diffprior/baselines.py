@@ -52,7 +52,7 @@ import numpyro.infer
 from blackjax.mcmc import random_walk
 
 from diffprior.diagnostics import sliced_wasserstein
-from diffprior.infer.sampler import CHAIN_METHODS, ProgressBar, Sampler, as_key
+from diffprior.infer.sampler import CHAIN_METHODS, ParticleResults, ProgressBar, Sampler, as_key
 from diffprior.kernels.smc import resampling_fn as get_resampling_fn
 from diffprior.model import (
     ModelError,
@@ -261,7 +261,7 @@ class _LoopState(NamedTuple):
     ess: Array  # (max_steps, chains) ESS of the new weights, a fraction of num_particles
 
 
-class TemperedSMC:
+class TemperedSMC(ParticleResults):
     r"""Adaptive tempered SMC (BlackJAX) on a diffprior model, with :class:`diffprior.Sampler`'s
     interface.
 
@@ -614,19 +614,6 @@ class TemperedSMC:
                 RuntimeWarning,
                 stacklevel=2,
             )
-
-    def _require_result(self) -> dict[str, Any]:
-        if self._result is None:
-            raise RuntimeError("call run(rng_key, *model_args) before reading results")
-        return self._result
-
-    def get_samples(self, group_by_chain: bool = False) -> dict[str, Array]:
-        """Equal-weight posterior draws ``{site: (num_chains * num_particles, *event)}``, or
-        ``(num_chains, num_particles, *event)`` with ``group_by_chain=True``."""
-        samples = self._require_result()["samples"]
-        if not group_by_chain:
-            samples = samples.reshape((-1, *samples.shape[2:]))
-        return {self._obs.prior_site: samples}
 
     @property
     def log_evidence(self) -> Array:

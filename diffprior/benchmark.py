@@ -34,12 +34,14 @@ import numpyro.distributions as dist
 from diffprior.diagnostics import sliced_wasserstein
 from diffprior.infer import DPS, FK, TDS, DiffPIR, MCGdiff, PiGDM, ReSample, Sampler, Unguided
 from diffprior.problems import mixture_problem
+from diffprior.types import Array, PRNGKey
 
 __all__ = [
     "METHODS",
     "DEFAULT_CELLS",
     "DIGIT_METHODS",
     "DIGIT_DEFAULT_METHODS",
+    "exact_reference",
     "gmm_rows",
     "gmm_table",
     "digits_rows",
@@ -73,6 +75,17 @@ METHODS: dict[str, Callable | None] = {
 DEFAULT_CELLS = tuple((d, dy) for d in (8, 80, 800) for dy in (1, 2, 4))
 
 
+def exact_reference(problem, seed: int, num_samples: int) -> tuple[Array, PRNGKey, float]:
+    """Exact posterior draws of a benchmark problem, the projection key every score of it
+    uses, and the floor (the sliced Wasserstein distance between two exact sets), all from
+    ``seed``."""
+    post = problem.posterior
+    key_a, key_b, key_p = jax.random.split(jax.random.key(10_000 + seed), 3)
+    exact = post.sample(key_a, (num_samples,))
+    floor = float(sliced_wasserstein(key_p, exact, post.sample(key_b, (num_samples,))))
+    return exact, key_p, floor
+
+
 def gmm_rows(
     methods: Sequence[str],
     cells: Iterable[tuple[int, int]],
@@ -99,10 +112,7 @@ def gmm_rows(
     }
     floors, exacts = {}, {}
     for key, problem in problems.items():
-        post = problem.posterior
-        key_a, key_b, key_p = jax.random.split(jax.random.key(10_000 + key[2]), 3)
-        exact = post.sample(key_a, (num_samples,))
-        floors[key] = float(sliced_wasserstein(key_p, exact, post.sample(key_b, (num_samples,))))
+        exact, key_p, floors[key] = exact_reference(problem, key[2], num_samples)
         exacts[key] = (exact, key_p)
 
     rows = []

@@ -24,7 +24,7 @@ from diffprior.infer.methods import Method
 from diffprior.model import read_model
 from diffprior.types import PRNGKey
 
-__all__ = ["Sampler", "CHAIN_METHODS", "ProgressBar", "as_key"]
+__all__ = ["Sampler", "ParticleResults", "CHAIN_METHODS", "ProgressBar", "as_key"]
 
 CHAIN_METHODS = ("vectorized", "sequential", "parallel")
 
@@ -53,7 +53,29 @@ class ProgressBar:
             self.bar = None
 
 
-class Sampler:
+class ParticleResults:
+    """What a particle sampler's results share: ``_result`` (with ``"samples"`` of shape
+    ``(num_chains, num_particles, *event)``) and ``_obs`` (the model read at the last run), set
+    by ``run``; :class:`Sampler` and :class:`diffprior.baselines.TemperedSMC` use it."""
+
+    _result: dict[str, Any] | None = None
+    _obs: Any = None
+
+    def _require_result(self) -> dict[str, Any]:
+        if self._result is None:
+            raise RuntimeError("call run(rng_key, *model_args) before reading results")
+        return self._result
+
+    def get_samples(self, group_by_chain: bool = False) -> dict[str, jax.Array]:
+        """Equal-weight posterior draws ``{site: (num_chains * num_particles, *event)}``, or
+        ``(num_chains, num_particles, *event)`` with ``group_by_chain=True``."""
+        samples = self._require_result()["samples"]
+        if not group_by_chain:
+            samples = samples.reshape((-1, *samples.shape[2:]))
+        return {self._obs.prior_site: samples}
+
+
+class Sampler(ParticleResults):
     """Sample the posterior of a NumPyro model with a diffusion prior.
 
     With a :class:`~diffprior.LatentDiffusionPrior` every method runs on the latent (the
@@ -231,20 +253,6 @@ class Sampler:
                 RuntimeWarning,
                 stacklevel=2,
             )
-
-    def _require_result(self) -> dict[str, Any]:
-        if self._result is None:
-            raise RuntimeError("call run(rng_key, *model_args) before reading results")
-        return self._result
-
-    def get_samples(self, group_by_chain: bool = False) -> dict[str, jax.Array]:
-        """Equal-weight posterior draws ``{site: (num_chains * num_particles, *event)}``, or
-        ``(num_chains, num_particles, *event)`` with ``group_by_chain=True``."""
-        result = self._require_result()
-        samples = result["samples"]
-        if not group_by_chain:
-            samples = samples.reshape((-1, *samples.shape[2:]))
-        return {self._obs.prior_site: samples}
 
     @property
     def log_evidence(self) -> jax.Array | None:
