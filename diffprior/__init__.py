@@ -5,8 +5,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from diffprior import diagnostics, diffusion, kernels, operators, pretrained, problems, schedules
 from diffprior.baselines import compare, plot_compare  # also binds dp.baselines
+from diffprior.diagnostics import plot_smc, smc_health, to_arviz
 from diffprior.diffusion import Denoiser
 from diffprior.infer import DPS, FK, TDS, DiffPIR, MCGdiff, PiGDM, ReSample, Sampler, Unguided
+from diffprior.infer.hierarchical import PMMH, ParticleGibbs
 from diffprior.priors import DiffusionPrior, GaussianMixture, LatentDiffusionPrior
 
 try:
@@ -32,6 +34,8 @@ __all__ = [
     "DiffPIR",
     "MCGdiff",
     "ReSample",
+    "ParticleGibbs",
+    "PMMH",
     "Denoiser",
     "DiffusionPrior",
     "LatentDiffusionPrior",
@@ -39,4 +43,7 @@ __all__ = [
     "baselines",
     "compare",
     "plot_compare",
+    "to_arviz",
+    "smc_health",
+    "plot_smc",
 ]

@@ -13,12 +13,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import diffprior
+from diffprior.compilation_cache import compilation_cache_disabled, enable_compilation_cache
 
-__all__ = ["METHODS", "EXIT_NOT_AVAILABLE", "build_parser", "main"]
+__all__ = ["METHODS", "EXIT_NOT_AVAILABLE", "EXIT_USAGE", "UsageError", "build_parser", "main"]
 
 EXIT_NOT_AVAILABLE = 2
 """Exit status of a sub-command that this version does not provide (also argparse's usage
 error status)."""
+
+EXIT_USAGE = 2
+"""Exit status of a user error (a bad argument or input file), as argparse's."""
+
+
+class UsageError(ValueError):
+    """A user error that a sub-command finds after parsing (an unreadable input file, an
+    output path that cannot be written): :func:`main` prints it as one line,
+    ``diffprior: error: ...``, without a traceback, and returns :data:`EXIT_USAGE`."""
+
 
 METHODS = ("Unguided", "DPS", "PiGDM", "DiffPIR", "ReSample", "TDS", "FK", "MCGdiff")
 """Posterior samplers by their papers' names; ``--method`` takes any of them, in any case."""
@@ -70,12 +81,19 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         ),
     )
     from diffprior.demo import METHODS as DEMO_METHODS
-    from diffprior.demo import NOISES, TASKS
+    from diffprior.demo import NOISES, PRIORS, TASKS
 
     parser.add_argument("--task", choices=TASKS, default="inpaint", help="default: inpaint")
     parser.add_argument("--method", choices=DEMO_METHODS, default="tds", help="default: tds")
     parser.add_argument(
         "--noise", choices=NOISES, default="gaussian", help="noise model (default: gaussian)"
+    )
+    parser.add_argument(
+        "--prior",
+        choices=PRIORS,
+        default=None,
+        help="shipped prior (default: digits; digits-latent for --method resample); mcgdiff "
+        "needs digits and gaussian noise",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("results"), help="output folder (default: results/)"
@@ -112,6 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             sigma_y=args.sigma_y,
             digit=args.digit,
             seed=args.seed,
+            prior=args.prior,
             progress_bar=not args.no_progress,
         )
     except (ValueError, NotImplementedError) as err:
@@ -163,7 +182,78 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return parser
 
 
-_PROBLEM_KEYS = ("means", "weights", "scale", "A", "sigma_y", "y")
+_PROBLEM_KEYS = {
+    "means": "(m, d)",
+    "weights": "(m,)",
+    "scale": "()",
+    "A": "(dy, d)",
+    "sigma_y": "()",
+    "y": "(dy,)",
+}
+_PROBLEM_ARRAYS = ", ".join(f"{key} {shape}" for key, shape in _PROBLEM_KEYS.items())
+_PROBLEM_CONTENTS = f"a NumPy .npz archive (numpy.savez) of real-number arrays {_PROBLEM_ARRAYS}"
+
+
+def _reason(err: BaseException) -> str:
+    """``Type: first line`` of an error, for one-line messages."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _read_problem_arrays(path: Path) -> dict:
+    """The six arrays of a problem file, as float32, with a :class:`UsageError` that says what
+    the file should hold when it is not such an archive (never unpickles anything)."""
+    import zipfile
+
+    import numpy as np
+
+    where = f"--problem {path}"
+    if path.is_dir():
+        raise UsageError(f"{where}: is a directory; expected {_PROBLEM_CONTENTS}")
+    if not path.is_file():
+        raise UsageError(f"{where}: no such file; expected {_PROBLEM_CONTENTS}")
+    with open(path, "rb") as handle:
+        header = handle.read(6)
+    if not header.startswith((b"PK", b"\x93NUMPY")):
+        # NumPy would try to unpickle it and suggest allow_pickle=True: never for a data file
+        raise UsageError(
+            f"{where}: not an .npz archive (no zip header: text, pickled or other data); "
+            f"expected {_PROBLEM_CONTENTS}"
+        )
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise UsageError(
+            f"{where}: not a readable .npz archive ({_reason(err)}); expected {_PROBLEM_CONTENTS}"
+        ) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise UsageError(
+            f"{where}: holds a single array (a .npy file), not an .npz archive; "
+            f"expected {_PROBLEM_CONTENTS}"
+        )
+    arrays = {}
+    with archive as data:
+        missing = [key for key in _PROBLEM_KEYS if key not in data.files]
+        if missing:
+            raise UsageError(
+                f"{where}: missing keys {missing} (found {sorted(data.files)}); "
+                f"expected {_PROBLEM_CONTENTS}"
+            )
+        for key, shape in _PROBLEM_KEYS.items():
+            try:
+                value = data[key]
+            except Exception as err:  # noqa: BLE001 -- any unreadable member: say which and why
+                raise UsageError(
+                    f"{where}: cannot read {key} ({_reason(err)}); expected {key} {shape} as an "
+                    "array of real numbers saved with numpy.savez (no pickled objects)"
+                ) from None
+            if value.dtype.kind not in "iuf":
+                raise UsageError(
+                    f"{where}: {key} must hold real numbers, shape {shape}; got an array of "
+                    f"dtype {value.dtype} and shape {value.shape}"
+                )
+            arrays[key] = value.astype(np.float32)
+    return arrays
 
 
 def _load_problem(path: Path):
@@ -171,35 +261,40 @@ def _load_problem(path: Path):
     import jax.numpy as jnp
     import numpy as np
 
-    if not path.is_file():
-        raise ValueError(f"--problem {path}: no such file")
-    with np.load(path) as data:
-        missing = [key for key in _PROBLEM_KEYS if key not in data.files]
-        if missing:
-            raise ValueError(
-                f"--problem {path}: missing keys {missing}; expected {list(_PROBLEM_KEYS)}"
-            )
-        arrays = {key: np.asarray(data[key], dtype=np.float32) for key in _PROBLEM_KEYS}
+    where = f"--problem {path}"
+    arrays = _read_problem_arrays(path)
     means, A, y = arrays["means"], arrays["A"], arrays["y"]
     if means.ndim != 2:
-        raise ValueError(f"--problem {path}: means must have shape (m, d), got {means.shape}")
+        raise UsageError(f"{where}: means must have shape (m, d), got {means.shape}")
     m, d = means.shape
-    expected = {
-        "weights": (m,),
-        "scale": (),
-        "A": (A.shape[0], d) if A.ndim == 2 else ("dy", d),
-        "sigma_y": (),
-        "y": (A.shape[0],) if A.ndim == 2 else ("dy",),
-    }
+    dy = A.shape[0] if A.ndim == 2 else "dy"
+    expected = {"weights": (m,), "scale": (), "A": (dy, d), "sigma_y": (), "y": (dy,)}
     for key, shape in expected.items():
         if arrays[key].shape != shape:
-            raise ValueError(
-                f"--problem {path}: {key} must have shape {shape}, got {arrays[key].shape}"
+            described = _PROBLEM_KEYS[key]
+            raise UsageError(
+                f"{where}: {key} must have shape {described} = {shape} (means is {means.shape}), "
+                f"got {arrays[key].shape}".replace("'dy'", "dy")
             )
     for key, value in arrays.items():
         if not np.all(np.isfinite(value)):
-            raise ValueError(f"--problem {path}: {key} has NaN or inf entries")
-    prior = diffprior.GaussianMixture(means, arrays["weights"], float(arrays["scale"]))
+            bad = int((~np.isfinite(value)).sum())
+            raise UsageError(
+                f"{where}: {key} has NaN or inf entries ({bad} of {value.size}, as float32); "
+                "every entry must be finite"
+            )
+    weights = arrays["weights"]
+    for key, ok, allowed in (
+        ("weights", np.all(weights >= 0) and weights.sum() > 0, ">= 0, not all 0"),
+        ("scale", arrays["scale"] > 0, "> 0"),
+        ("sigma_y", arrays["sigma_y"] > 0, "> 0"),
+    ):
+        if not ok:
+            raise UsageError(f"{where}: {key} must be {allowed}, got {arrays[key].tolist()}")
+    try:
+        prior = diffprior.GaussianMixture(means, arrays["weights"], float(arrays["scale"]))
+    except ValueError as err:
+        raise UsageError(f"{where}: {err}") from None
     return prior, jnp.asarray(A), jnp.asarray(arrays["sigma_y"]), jnp.asarray(y)
 
 
@@ -223,14 +318,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpyro
     import numpyro.distributions as dist
 
+    from diffprior.io import check_writable
+    from diffprior.model import ModelError
+
     method_cls = getattr(diffprior, args.method, None)
     if method_cls is None:
         return _not_available(f"sample --method {args.method}")
+    # every input is checked before anything is compiled or sampled
+    prior, A, sigma_y, y = _load_problem(args.problem)
     try:
-        prior, A, sigma_y, y = _load_problem(args.problem)
+        check_writable(args.out)
     except ValueError as err:
-        print(f"diffprior sample: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out {err}") from None
 
     def model(A, sigma_y, y=None):
         x = numpyro.sample("x", prior)
@@ -244,7 +343,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         progress_bar=sys.stderr.isatty(),
     )
     start = time.perf_counter()
-    sampler.run(jax.random.key(args.seed), A, sigma_y, y=y)
+    try:
+        sampler.run(jax.random.key(args.seed), A, sigma_y, y=y)
+    except ModelError as err:  # raised while the model is read, before compiling
+        raise UsageError(f"--problem {args.problem}: {err}") from None
     seconds = time.perf_counter() - start
     log_evidence = sampler.log_evidence
     if log_evidence is None:
@@ -482,7 +584,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {diffprior.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add_parser, run in _COMMANDS:
-        add_parser(subparsers).set_defaults(run=run)
+        sub = add_parser(subparsers)
+        sub.add_argument(
+            "--no-compile-cache",
+            action="store_true",
+            help="do not keep compiled programs on disk (by default they are kept in "
+            "$DIFFPRIOR_CACHE_DIR or ~/.cache/diffprior/jax, so a second run with the same "
+            "shapes skips compiling; DIFFPRIOR_NO_COMPILE_CACHE=1 does the same)",
+        )
+        sub.set_defaults(run=run)
     return parser
 
 
@@ -494,4 +604,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return args.run(args)
+    if not args.no_compile_cache and not compilation_cache_disabled():
+        enable_compilation_cache()
+    try:
+        return args.run(args)
+    except UsageError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE

@@ -21,7 +21,38 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_atomically", "write_text", "write_json"]
+__all__ = ["check_writable", "write_atomically", "write_text", "write_json"]
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise a ValueError saying why, if :func:`write_atomically` could not write ``path``
+    where it is: ``path`` is a directory, lies under a regular file, or its nearest existing
+    directory cannot be written. Nothing is created; call it before long work whose result
+    goes to ``path``.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> check_writable(os.path.join(folder, "new", "samples.npz"))  # fine: folders are made
+    >>> try:
+    ...     check_writable(folder)
+    ... except ValueError as err:
+    ...     print(str(err).replace(folder, "FOLDER"))
+    FOLDER is a directory; expected the path of a file to write
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected the path of a file to write")
+    # write_atomically creates the missing directories: look at the nearest existing one
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"{path} lies under {existing}, which is a file, not a directory; expected the path "
+            "of a file in a directory"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path} cannot be written: no write permission in directory {existing}")
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> None:

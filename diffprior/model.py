@@ -40,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions.distribution import Unit
@@ -54,6 +55,7 @@ __all__ = [
     "ModelError",
     "ObservationModel",
     "inflate_variance",
+    "model_arguments",
     "read_model",
     "sample_sites_at_zeros",
     "is_diffusion_prior",
@@ -369,25 +371,175 @@ def _check_observed(site: Mapping[str, Any]) -> Array:
     return jnp.asarray(value)
 
 
+def _constraint_words(constraint: Any) -> str:
+    """A constraint in words, e.g. ``"> 0"`` for ``constraints.positive``."""
+    kinds = {cls.__name__ for cls in type(constraint).__mro__}
+    if "_IndependentConstraint" in kinds:
+        return _constraint_words(constraint.base_constraint)
+    if "_Real" in kinds:
+        return "finite"
+    if "_GreaterThanEq" in kinds:
+        return f">= {constraint.lower_bound}"
+    if "_GreaterThan" in kinds:
+        return f"> {constraint.lower_bound}"
+    if "_LessThan" in kinds:
+        return f"< {constraint.upper_bound}"
+    if "_OpenInterval" in kinds:
+        return f"in ({constraint.lower_bound}, {constraint.upper_bound})"
+    if "_Interval" in kinds:
+        return f"in [{constraint.lower_bound}, {constraint.upper_bound}]"
+    return f"valid ({constraint!r})"
+
+
+def _check_parameters(site: Mapping[str, Any]) -> None:
+    """Raise a :class:`ModelError` naming the site and the parameter when a concrete parameter
+    of the site's distribution, or of any distribution it wraps, breaks its ``arg_constraints``
+    (the check NumPyro's ``validate_args`` makes, with the site's name and the value given)."""
+    layer = site["fn"]
+    while isinstance(layer, dist.Distribution):
+        for param, value in layer.get_args().items():
+            constraint = layer.arg_constraints[param]
+            if isinstance(value, jax.core.Tracer) or dist.constraints.is_dependent(constraint):
+                continue
+            try:
+                valid = constraint(value)
+            except Exception:  # noqa: BLE001 -- a constraint that cannot judge is no verdict
+                continue
+            if isinstance(valid, jax.core.Tracer):
+                continue
+            invalid = ~np.asarray(valid, bool)
+            if not invalid.any():
+                continue
+            given = np.asarray(value)
+            if invalid.shape == given.shape and given.size > 1:
+                first = given[invalid].ravel()[0]
+                given_str = f"{first} ({int(invalid.sum())} of {invalid.size} entries invalid)"
+            elif given.size == 1:
+                given_str = f"{given.ravel()[0]}"
+            else:
+                given_str = f"{int(invalid.sum())} invalid of {invalid.size}"
+            raise ModelError(
+                f"site {site['name']!r}: {type(layer).__name__} {param} must be "
+                f"{_constraint_words(constraint)}, got {given_str}"
+            )
+        layer = layer.base_dist if isinstance(layer, _WRAPPERS) else None
+
+
+#: JAX's errors about a traced value used as a concrete one: reported as they are (they name
+#: the operation), never wrapped.
+_TRACER_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+
+
 def sample_sites_at_zeros(
     model: Callable, args: Sequence[Any], kwargs: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
     """The model's sample sites, traced once with zeros at every DiffusionPrior site (no
-    diffusion is run) and a fixed seed for any other latent site."""
+    diffusion is run) and a fixed seed for any other latent site.
+
+    Every concrete distribution parameter is checked against its ``arg_constraints``, so a
+    likelihood such as ``dist.Normal(A @ x, -1.0)`` fails here with a :class:`ModelError`
+    naming the site and the parameter. An error raised while tracing (NumPyro's validation, a
+    forward operator applied to an ``x`` of the wrong shape, ...) becomes a :class:`ModelError`
+    that names the last site reached and the DiffusionPrior site's shape.
+    """
 
     def zeros_at_prior(msg: dict[str, Any]) -> Array | None:
         if msg["type"] == "sample" and not msg["is_observed"] and is_diffusion_prior(msg["fn"]):
             return jnp.zeros(msg["fn"].shape(), jnp.result_type(float))
         return None
 
-    traced = handlers.trace(
-        handlers.seed(handlers.substitute(model, substitute_fn=zeros_at_prior), rng_seed=0)
+    def tracer() -> handlers.trace:
+        return handlers.trace(
+            handlers.seed(handlers.substitute(model, substitute_fn=zeros_at_prior), rng_seed=0)
+        )
+
+    def sample_sites(trace: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return [site for site in trace.values() if site["type"] == "sample"]
+
+    first = tracer()
+    try:
+        sites = sample_sites(first.get_trace(*args, **kwargs))
+    except (ModelError, *_TRACER_ERRORS):
+        raise
+    except (TypeError, ValueError, IndexError) as err:
+        # NumPyro's argument validation names the distribution but not the site: trace again
+        # without it, so that the check below can name the site and the value
+        try:
+            with numpyro.validation_enabled(False):
+                unvalidated = sample_sites(tracer().get_trace(*args, **kwargs))
+        except Exception:  # noqa: BLE001 -- the first error is the one to report
+            unvalidated = []
+        for site in unvalidated:
+            if not is_diffusion_prior(site["fn"]) and not _is_factor(site):
+                try:
+                    _check_parameters(site)
+                except ModelError as named:
+                    raise named from err
+        raise _tracing_error(sample_sites(first.trace), err) from err
+    for site in sites:
+        if not is_diffusion_prior(site["fn"]) and not _is_factor(site):
+            _check_parameters(site)
+    return sites
+
+
+def _tracing_error(reached: list[dict[str, Any]], err: Exception) -> ModelError:
+    """A one-line :class:`ModelError` for an error raised inside the model while it is read:
+    the last site reached, the DiffusionPrior site's shape and the error's first line."""
+    detail = (str(err).strip().splitlines() or [""])[0].rstrip(".")
+    priors = [site for site in reached if is_diffusion_prior(site["fn"])]
+    where = f" after site {reached[-1]['name']!r}" if reached else " before its first site"
+    hint = ""
+    if priors:
+        name, shape = priors[0]["name"], _shape_str(priors[0]["fn"].shape())
+        where += f" (the DiffusionPrior site {name!r} has shape {shape})"
+        if "shape" in detail:
+            hint = (
+                f"; the forward operator must map an {name} of shape {shape} (the prior's event "
+                "shape) to the observation's shape"
+            )
+    return ModelError(f"the model raised {type(err).__name__}{where}: {detail}{hint}")
+
+
+def _array_if_numbers(value: Any) -> Any:
+    if not isinstance(value, list):
+        return value
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError):  # strings, ragged lists, objects: the model's own business
+        return value
+
+
+def model_arguments(
+    args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The model's ``args`` and ``kwargs`` with every list of numbers made a JAX array, so that
+    ``run(key, y=[1.0, 2.0])`` observes an array as ``y=jnp.array([1.0, 2.0])`` would (NumPyro
+    passes lists through, and ``y - loc`` then fails). Tuples are left alone: models use them
+    for shapes and other static values. Lists that are not all numbers are left alone too.
+
+    Examples
+    --------
+    >>> args, kwargs = model_arguments(([1, 2], (3, 4)), {"y": [0.5], "names": ["a"]})
+    >>> isinstance(args[0], jax.Array), args[1], kwargs["y"].shape, kwargs["names"]
+    (True, (3, 4), (1,), ['a'])
+    """
+    return (
+        tuple(_array_if_numbers(value) for value in args),
+        {name: _array_if_numbers(value) for name, value in (kwargs or {}).items()},
     )
-    return [s for s in traced.get_trace(*args, **kwargs).values() if s["type"] == "sample"]
 
 
 def read_model(
-    model: Callable, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+    model: Callable,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    require_observation: bool = True,
 ) -> ObservationModel:
     """Check a NumPyro model and return its :class:`ObservationModel`.
 
@@ -398,10 +550,14 @@ def read_model(
     - it has no DiffusionPrior site, or more than one, or the DiffusionPrior site is observed,
       inside a plate, scaled or masked;
     - it has no observed site (or ``numpyro.factor``) whose density depends on ``x``: there is
-      nothing to condition on;
+      nothing to condition on (unless ``require_observation=False``: draws from the prior
+      through the model, as :class:`~diffprior.Unguided` makes them);
     - it has other latent sample sites (fix them, e.g. with ``numpyro.handlers.condition``);
     - an observed value's shape differs from its site's distribution shape, or it holds NaN or
       inf;
+    - a distribution parameter breaks its constraint (e.g. a Normal scale <= 0 or NaN), or the
+      model raises while it is traced (e.g. a forward operator applied to an ``x`` of the wrong
+      shape): see :func:`sample_sites_at_zeros`;
     - it is not traceable by ``jax.jit`` as a function of ``x``.
 
     Which observed sites depend on ``x`` is found by provenance tracking through the model's
@@ -414,6 +570,9 @@ def read_model(
         A NumPyro model, called as ``model(*args, **kwargs)``.
     args, kwargs
         The model's arguments, typically the observations (as for ``numpyro.infer.MCMC.run``).
+    require_observation
+        Refuse a model with nothing to condition on (the default). With ``False`` such a model
+        reads as an :class:`ObservationModel` with no likelihood sites (log-likelihood 0).
 
     Examples
     --------
@@ -464,7 +623,7 @@ def read_model(
     others = [
         site["name"] for site in sample_sites if not site["is_observed"] and site is not prior_site
     ]
-    if not observed_sites and not factors:
+    if not observed_sites and not factors and require_observation:
         hint = (
             f"; the unobserved sites {others} may be missing their data (pass it in args/kwargs)"
             if others
@@ -472,16 +631,24 @@ def read_model(
         )
         raise ModelError(
             "the model has no observed sample site (obs=...), so there is nothing to condition "
-            f"the DiffusionPrior site {prior_site['name']!r} on{hint}"
+            f"the DiffusionPrior site {prior_site['name']!r} on{hint}; to draw from the prior "
+            "through the model, use dp.Unguided(model)"
         )
     if others:
         listed = ", ".join(repr(name) for name in others)
         example = ", ".join(f"{name!r}: value" for name in others)
+        forward = (
+            "; to draw them given the prior draws, use numpyro.infer.Predictive(model, "
+            "sampler.get_samples())"
+            if not observed_sites and not factors
+            else ""
+        )
         raise ModelError(
             f"latent sample sites {listed} besides the DiffusionPrior site "
-            f"{prior_site['name']!r} are not supported yet: they must be fixed, e.g. with "
-            f"numpyro.handlers.condition(model, data={{{example}}}), until hierarchical models "
-            "are supported"
+            f"{prior_site['name']!r} are not supported by dp.Sampler: sample them together "
+            "with it as NumPyro MCMC, numpyro.infer.MCMC(dp.ParticleGibbs(model, "
+            "num_particles=..., num_steps=...), ...) or dp.PMMH(model, ...), or fix them, e.g. "
+            f"with numpyro.handlers.condition(model, data={{{example}}}){forward}"
         )
 
     observed = {site["name"]: _check_observed(site) for site in observed_sites}
@@ -494,13 +661,13 @@ def read_model(
         observed,
         likelihood_sites=[site["name"] for site in sample_sites if site["is_observed"]],
     )
-    depends = _sites_depending_on_x(candidate)
+    depends = _sites_depending_on_x(candidate) if candidate.likelihood_sites else set()
     fixed = [name for name in candidate.likelihood_sites if name not in depends]
-    if len(fixed) == len(candidate.likelihood_sites):
+    if len(fixed) == len(candidate.likelihood_sites) and require_observation:
         raise ModelError(
             f"no observed site depends on the DiffusionPrior site {prior_site['name']!r} "
             f"(observed: {list(candidate.likelihood_sites)}), so there is nothing to condition "
-            "it on"
+            "it on; to draw from the prior through the model, use dp.Unguided(model)"
         )
     return ObservationModel(
         model,

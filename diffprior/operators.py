@@ -97,14 +97,22 @@ def _concrete(value, name: str, owner: str) -> np.ndarray:
         ) from None
 
 
-def _apply(fn: Callable[[Array], Array], x: ArrayLike, core_shape: tuple[int, ...], where: str):
-    """``fn`` on an array of shape ``core_shape``, mapped over any leading batch dimensions."""
+def _apply(
+    fn: Callable[[Array], Array],
+    x: ArrayLike,
+    core_shape: tuple[int, ...],
+    where: str,
+    maps: tuple[str, tuple[int, ...], tuple[int, ...]] | None = None,
+):
+    """``fn`` on an array of shape ``core_shape``, mapped over any leading batch dimensions.
+    ``maps`` (name, in_shape, out_shape) adds what the operator maps to the shape error."""
     x = jnp.asarray(x)
     k = len(core_shape)
     if x.ndim < k or tuple(x.shape[x.ndim - k :]) != core_shape:
+        mapping = f" ({maps[0]} maps {maps[1]} to {maps[2]})" if maps else ""
         raise ValueError(
             f"{where}: expected an array of shape (..., {', '.join(map(str, core_shape))}), "
-            f"got shape {tuple(x.shape)}"
+            f"got shape {tuple(x.shape)}{mapping}"
         )
     batch = x.shape[: x.ndim - k]
     if not batch:
@@ -203,7 +211,9 @@ class LinearOperator(eqx.Module):
 
     def __call__(self, x: ArrayLike) -> Array:
         """:math:`A x`, shaped ``(..., *out_shape)``."""
-        return _apply(self._forward, x, self.in_shape, f"{self._name()}: x")
+        name = self._name()
+        maps = (name, self.in_shape, self.out_shape)
+        return _apply(self._forward, x, self.in_shape, f"{name}: x", maps)
 
     def transpose(self, y: ArrayLike) -> Array:
         """The adjoint :math:`A^T y`, shaped ``(..., *in_shape)``."""
@@ -962,7 +972,8 @@ class Saturation(eqx.Module):
 
     def __call__(self, x: ArrayLike) -> Array:
         r""":math:`\tanh(g x)`, shaped like ``x`` (``(..., *in_shape)``)."""
-        return _apply(lambda x: jnp.tanh(self.gain * x), x, self.in_shape, "Saturation: x")
+        maps = ("Saturation", self.in_shape, self.out_shape)
+        return _apply(lambda x: jnp.tanh(self.gain * x), x, self.in_shape, "Saturation: x", maps)
 
 
 # --------------------------------------------------------------------------------------------

@@ -159,18 +159,151 @@ def test_sample_writes_the_documented_file(method, has_evidence, tmp_path, capsy
     assert [p.name for p in out.parent.iterdir()] == ["samples.npz"]  # no temporary left
 
 
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Fail the test if a sampler is even built: bad input must be found before that."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a sampler was built for bad input")
+
+    monkeypatch.setattr(diffprior, "Sampler", refuse)
+
+
+def _usage_error(argv, capsys) -> str:
+    """Run the command; check it fails as argparse does (status 2, one line on stderr, no
+    traceback) and return that line."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("diffprior: error: ") and err.count("\n") == 1, err
+    return err
+
+
+CONTENTS = "means (m, d), weights (m,), scale (), A (dy, d), sigma_y (), y (dy,)"
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ({"y": None}, "missing keys ['y']"),
-        ({"A": [[1.0, 2.0, 3.0]]}, "A must have shape"),
+        ({"A": [[1.0, 2.0, 3.0]]}, "A must have shape (dy, d) = (1, 2)"),
+        ({"A": [1.0, 2.0]}, "A must have shape (dy, d) = (dy, 2)"),
+        ({"means": [1.0, 2.0]}, "means must have shape (m, d), got (2,)"),
+        ({"weights": [1.0]}, "weights must have shape (m,) = (2,)"),
         ({"y": [float("nan")]}, "y has NaN"),
+        ({"means": [[np.inf, 0.0], [1.0, 0.0]]}, "means has NaN or inf entries (1 of 4"),
+        ({"sigma_y": -0.5}, "sigma_y must be > 0, got -0.5"),
+        ({"sigma_y": 0.0}, "sigma_y must be > 0, got 0.0"),
+        ({"sigma_y": np.nan}, "sigma_y has NaN"),
+        ({"scale": -1.0}, "scale must be > 0, got -1.0"),
+        ({"weights": [0.5, -0.5]}, "weights must be >= 0, not all 0, got [0.5, -0.5]"),
+        ({"weights": [0.0, 0.0]}, "weights must be >= 0, not all 0"),
+        ({"sigma_y": "0.5"}, "sigma_y must hold real numbers, shape (); got an array of dtype <U3"),
+        ({"y": [1j]}, "y must hold real numbers, shape (dy,); got an array of dtype complex128"),
+        ({"A": [[True, False]]}, "A must hold real numbers, shape (dy, d); got an array of dtype"),
+        ({"means": np.array([[1.0, "a"]], object)}, "cannot read means (ValueError: Object arrays"),
     ],
 )
-def test_sample_rejects_bad_problems(override, message, tmp_path, capsys):
+def test_sample_rejects_bad_problems(override, message, tmp_path, capsys, no_sampling):
     problem, out = tmp_path / "problem.npz", tmp_path / "samples.npz"
     _write_problem(problem, **override)
     argv = ["sample", "--problem", str(problem), "--method", "tds", "--out", str(out)]
-    assert cli.main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = _usage_error(argv, capsys)
+    assert f"--problem {problem}: " in err
+    assert message in err
     assert not out.exists()
+
+
+def _pickled(path):
+    import pickle
+
+    path.write_bytes(pickle.dumps({"means": np.zeros((1, 2))}))
+
+
+def _truncated(path):
+    _write_problem(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _corrupt_member(path):
+    _write_problem(path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"\x93NUMPY")  # the first array's header, inside the zip
+    data[start : start + 64] = b"x" * 64
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_text("means = [[0, 1]]\n"), "not an .npz archive (no zip header"),
+        (lambda p: p.write_bytes(np.random.default_rng(0).bytes(256)), "not an .npz archive"),
+        (lambda p: p.write_bytes(b""), "not an .npz archive"),
+        (_pickled, "not an .npz archive (no zip header"),
+        (_truncated, "not a readable .npz archive (BadZipFile"),
+        (_corrupt_member, "cannot read means"),
+        (lambda p: np.save(p.open("wb"), np.zeros((2, 2))), "holds a single array (a .npy file)"),
+        (lambda p: p.mkdir(), "is a directory"),
+        (lambda p: None, "no such file"),
+    ],
+    ids=["text", "random", "empty", "pickle", "truncated", "corrupt", "npy", "folder", "missing"],
+)
+def test_sample_says_what_a_problem_file_holds(make, message, tmp_path, capsys, no_sampling):
+    problem, out = tmp_path / "problem.npz", tmp_path / "samples.npz"
+    make(problem)
+    argv = ["sample", "--problem", str(problem), "--method", "tds", "--out", str(out)]
+    err = _usage_error(argv, capsys)
+    assert message in err
+    if message != "cannot read means":
+        assert CONTENTS in err  # what the file should hold
+    assert "allow_pickle=True" not in err  # never a hint to unpickle a data file
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("folder", "is a directory; expected the path of a file to write"),
+        ("file/samples.npz", "which is a file, not a directory"),
+        ("locked/samples.npz", "no write permission in directory"),
+    ],
+)
+def test_sample_checks_the_output_path_before_sampling(
+    out, message, tmp_path, capsys, monkeypatch, no_sampling
+):
+    import os
+
+    problem = tmp_path / "problem.npz"
+    _write_problem(problem)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # permission bits do not bind the superuser: refuse through os.access for this folder
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: str(p) != str(locked) and real_access(p, mode)
+    )
+    argv = ["sample", "--problem", str(problem), "--method", "tds", "--out", str(tmp_path / out)]
+    err = _usage_error(argv, capsys)
+    assert f"--out {tmp_path / out}" in err and message in err
+    assert sorted(p.name for p in locked.iterdir()) == []
+
+
+def test_the_command_prints_no_traceback_for_a_bad_file(tmp_path):
+    problem = tmp_path / "problem.npz"
+    problem.write_text("not numbers")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    argv = ["sample", "--problem", str(problem), "--method", "tds", "--out", str(tmp_path / "o")]
+    result = subprocess.run(
+        [sys.executable, "-m", "diffprior", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("diffprior: error: --problem ")
+    assert "Traceback" not in result.stderr

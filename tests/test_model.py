@@ -569,6 +569,44 @@ def test_no_observed_site():
         read_model(model)
 
 
+def test_no_observed_site_points_to_unguided():
+    def model():
+        numpyro.sample("x", PRIOR)
+
+    with pytest.raises(ModelError, match=r"nothing to condition.*use dp.Unguided\(model\)"):
+        read_model(model)
+
+
+@pytest.mark.parametrize("observed", ["none", "constant"])
+def test_nothing_to_condition_on_reads_when_not_required(observed):
+    """``require_observation=False`` (for prior draws through a model): no likelihood sites, a
+    log-likelihood of 0 and no pointwise terms."""
+
+    def model(y=None):
+        numpyro.sample("x", PRIOR)
+        if observed == "constant":
+            numpyro.sample("y", dist.Normal(jnp.zeros(DY), SIGMA_Y).to_event(1), obs=y)
+
+    obs = read_model(model, kwargs={"y": jnp.zeros(DY)}, require_observation=False)
+    assert obs.likelihood_sites == () and obs.observed == {}
+    assert obs.fixed_sites == (("y",) if observed == "constant" else ())
+    assert float(obs.log_likelihood(X32)) == 0.0
+    assert obs.pointwise_log_likelihood(X32) == {}
+
+
+def test_an_error_inside_the_model_names_the_last_site_reached():
+    def model(y=None):
+        x = numpyro.sample("x", PRIOR)
+        numpyro.sample("y", dist.Normal(jnp.ones((DY, D + 2)) @ x, SIGMA_Y).to_event(1), obs=y)
+
+    with pytest.raises(ModelError) as info:
+        read_model(model, kwargs={"y": jnp.zeros(DY)})
+    message = str(info.value)
+    assert message.startswith("the model raised TypeError after site 'x' (the DiffusionPrior")
+    assert "(5,) and (3,)" in message and "\n" not in message
+    assert isinstance(info.value.__cause__, TypeError)  # the original error stays chained
+
+
 def test_observations_that_do_not_depend_on_x():
     def model(y=None):
         numpyro.sample("x", PRIOR)

@@ -18,6 +18,7 @@ from blackjax.base import SamplingAlgorithm
 
 from diffprior.diffusion.grids import SPACINGS
 from diffprior.diffusion.transitions import tweedie_variance
+from diffprior.infer.twists import likelihood_twist, observation_gains
 from diffprior.kernels import diffpir, dps, fk, mcgdiff, pigdm, resample, smc, tds, unguided
 from diffprior.model import ModelError, ObservationModel
 from diffprior.priors import DiffusionPrior
@@ -71,6 +72,9 @@ class Method:
     """Base of the methods. Subclasses set ``is_smc`` and implement :meth:`build`."""
 
     is_smc: ClassVar[bool] = False
+    #: Whether the model must have an observed site to condition on (every method but
+    #: :class:`Unguided`, which also draws from the prior through a model with none).
+    requires_observation: ClassVar[bool] = True
 
     def __init__(self, model: Callable, *, spacing: str = "uniform", **options: Any):
         if not callable(model):
@@ -110,13 +114,24 @@ class Method:
 class Unguided(Method):
     """Plain reverse diffusion from the prior; ignores the observations (a baseline).
 
+    It also takes a model with no observed site, so it draws from the prior through a model,
+    as ``numpyro.infer.Predictive`` would (the other methods refuse such a model: there is
+    nothing to condition on). ``to_arviz()`` then has no ``observed_data`` or
+    ``log_likelihood`` group.
+
     Examples
     --------
-    >>> import numpyro, diffprior as dp
-    >>> method = dp.Unguided(lambda: None, eta=1.0)
-    >>> method.options["eta"]
-    1.0
+    >>> import jax, jax.numpy as jnp, numpyro, diffprior as dp
+    >>> prior = dp.GaussianMixture(jnp.array([[-2.0, 0.0], [2.0, 0.0]]), jnp.array([0.5, 0.5]))
+    >>> def model():
+    ...     numpyro.sample("x", prior)
+    >>> sampler = dp.Sampler(dp.Unguided(model, eta=1.0), 16, 10, progress_bar=False)
+    >>> sampler.run(jax.random.key(0))
+    >>> sampler.get_samples()["x"].shape
+    (16, 2)
     """
+
+    requires_observation = False
 
     def __init__(self, model: Callable, *, eta: float = 1.0, spacing: str = "uniform"):
         super().__init__(model, spacing=spacing, eta=_check_eta(eta))
@@ -189,11 +204,13 @@ class TDS(Method):
     resampling
         ``"systematic"``, ``"stratified"``, ``"multinomial"`` or ``"residual"``.
     variance_inflation
-        ``"jacobian"`` (default), ``"pigdm"`` or ``None``: the twist's Gaussian or Student-t
-        variance is widened by :math:`r_t^2 g_i`, with :math:`r_t^2 = \mathrm{Var}[x_0 \mid
-        x_t]` for Gaussian data of the prior's variance and :math:`g_i` the squared row norm of
-        the operator's Jacobian (``"jacobian"``) or 1 (``"pigdm"``); ``None`` is the TDS
-        paper's plain :math:`p(y \mid \hat x_0)` (see :func:`likelihood_twist`).
+        ``"jacobian"`` (default), ``"pigdm"`` or ``None``: the twist smooths the model's
+        likelihood, whatever its family, over the uncertainty of :math:`\hat x_0`, Gaussian noise
+        of variance :math:`r_t^2 g_i` on each observation's location, with :math:`r_t^2 =
+        \mathrm{Var}[x_0 \mid x_t]` for Gaussian data of the prior's variance and :math:`g_i`
+        the squared gradient of the location (``"jacobian"``) or 1 (``"pigdm"``); ``None`` is
+        the TDS paper's plain :math:`p(y \mid \hat x_0)` (see
+        :func:`diffprior.infer.twists.likelihood_twist`).
     eta
         DDIM stochasticity of the transition; must be > 0 for guided proposals to matter.
     """
@@ -337,56 +354,6 @@ class FK(Method):
             resample_every=opts["resample_every"],
             resampling=opts["resampling"],
         )
-
-
-def likelihood_twist(prior: DiffusionPrior, obs: ObservationModel, inflation: str | None):
-    r"""``twist_fn(x0_hat, t)``: the log-likelihood at :math:`\hat x_0` with Gaussian and
-    Student-t scales widened for the error of :math:`\hat x_0`.
-
-    With :math:`r_t^2 = \mathrm{Var}[x_0 \mid x_t]` per coordinate for Gaussian data of
-    the prior's variance :math:`v` (``prior.variance``, averaged over coordinates),
-    :func:`~diffprior.diffusion.transitions.tweedie_variance`, an observation
-    :math:`y_i = A_i(x) + \text{noise}` gets the variance :math:`\sigma_i^2 + r_t^2 g_i`:
-
-    - ``"jacobian"``: :math:`g_i = \sum_j J_{ij}^2`, with :math:`J` the Jacobian of
-      :math:`E[y \mid x]` at :math:`x = 0` (exact for a linear operator), so that
-      :math:`r_t^2 g_i = \mathrm{Var}[A_i x_0 \mid x_t]` for independent coordinates;
-    - ``"pigdm"``: :math:`g_i = 1` (the :math:`r_t^2` of pseudo-inverse guidance);
-    - ``None``: no inflation, :math:`\tilde p_t(y \mid x_t) = p(y \mid \hat x_0)` as
-      in the TDS paper.
-
-    Any choice keeps TDS and FK exact (the last twist is the exact likelihood); inflation keeps
-    the twists from over-trusting :math:`\hat x_0` at high noise, which otherwise makes the
-    weights, and the evidence, far more variable when the observation is informative.
-    """
-    if inflation is None:
-        return lambda x0_hat, t: obs.log_likelihood(x0_hat)
-    schedule = prior.schedule
-    data_variance = _unit_data_variance(prior)
-    if inflation == "jacobian":
-        gains = observation_gains(obs)
-    else:
-        gains = {name: 1.0 for name in obs.observed}
-
-    def twist_fn(x0_hat, t):
-        r2 = jnp.where(t > 0, tweedie_variance(schedule, t, data_variance), 0.0)
-        extra = {name: r2 * gain for name, gain in gains.items()}
-        return obs.log_likelihood(x0_hat, extra_variance=extra)
-
-    return twist_fn
-
-
-def observation_gains(obs: ObservationModel) -> dict[str, jax.Array]:
-    r"""Per observed site, :math:`\sum_j J_{ij}^2` shaped like the observation, with :math:`J`
-    the Jacobian of :math:`E[y \mid x]` at :math:`x = 0`."""
-    jacobian = jax.jacfwd(obs.observation_mean)(jnp.zeros(obs.event_shape))
-    gain_flat = jnp.sum(jacobian.reshape((jacobian.shape[0], -1)) ** 2, axis=1)
-    gains, start = {}, 0
-    for name, value in obs.observed.items():
-        size = int(np.prod(jnp.shape(value)))
-        gains[name] = gain_flat[start : start + size].reshape(jnp.shape(value))
-        start += size
-    return gains
 
 
 # -- linear-Gaussian structure ---------------------------------------------------------------

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from diffprior.diffusion.grids import timesteps as make_timesteps
 from diffprior.infer.methods import Method
-from diffprior.model import read_model
+from diffprior.kernels.base import INFO_FIELDS, SMC_INFO_FIELDS
+from diffprior.model import model_arguments, read_model
 from diffprior.types import PRNGKey
 
 __all__ = ["Sampler", "ParticleResults", "CHAIN_METHODS", "ProgressBar", "as_key"]
@@ -34,18 +35,43 @@ class ProgressBar:
 
     The callback closes over this object, not over one bar, so a cached compiled run shows a
     fresh bar each time :meth:`Sampler.run` opens one.
+
+    Compiling can take longer than the run. The traced function calls :meth:`compiling` (which
+    runs only when the program is traced, not for a cached one), so the bar reads
+    ``"<description>: compiling"`` until the first step reports. That first report restarts
+    the bar's clock and counts from there (tqdm's ``initial``), so the rate and the remaining
+    time are measured on the compiled steps only: the estimate appears from the second report.
     """
+
+    COMPILING = "compiling"
 
     def __init__(self):
         self.bar = None
+        self.description = ""
+        self._started = False
 
     def open(self, total: int, description: str):
+        self.description = description
+        self._started = False
         self.bar = tqdm(total=total, desc=description, leave=True)
 
+    def compiling(self):
+        """Say that the program is being traced and compiled (called at trace time)."""
+        if self.bar is not None and not self._started:
+            self.bar.set_description_str(f"{self.description}: {self.COMPILING}")
+
     def update(self, step):
-        if self.bar is not None:
-            self.bar.n = int(step)
-            self.bar.refresh()
+        if self.bar is None:
+            return
+        step = int(step)
+        if not self._started:
+            # compile time (and start-up) would pollute the rate: the clock starts here
+            self._started = True
+            self.bar.reset(total=self.bar.total)
+            self.bar.initial = step
+            self.bar.set_description_str(self.description, refresh=False)
+        self.bar.n = step
+        self.bar.refresh()
 
     def close(self):
         if self.bar is not None:
@@ -152,7 +178,9 @@ class Sampler(ParticleResults):
     def _run_impl(self, rng_key, prior, dynamic_args, static_args):
         self._num_compilations += 1  # Python side effect: runs once per trace
         args, kwargs = eqx.combine(dynamic_args, static_args)
-        obs = read_model(self.method.model, args, kwargs)
+        obs = read_model(
+            self.method.model, args, kwargs, require_observation=self.method.requires_observation
+        )
         method = self.method
         times = make_timesteps(prior.schedule, self.num_steps, method.spacing)
         # the kernels run where the diffusion runs: on the latent z of a LatentDiffusionPrior,
@@ -174,6 +202,8 @@ class Sampler(ParticleResults):
             step_chains = jax.vmap(algorithm.step)
 
         progress = self._progress if self.progress_bar else None
+        if progress is not None:
+            progress.compiling()  # this code runs only while tracing: a compile follows
         every = max(1, self.num_steps // 50)
 
         def body(states, inputs):
@@ -185,7 +215,7 @@ class Sampler(ParticleResults):
                     lambda: jax.debug.callback(progress.update, index + 1, ordered=True),
                     lambda: None,
                 )
-            return states, _step_summary(info)
+            return states, _step_summary(info, method.is_smc)
 
         step_keys = jax.random.split(run_key, self.num_steps)
         states, per_step = jax.lax.scan(body, states, (jnp.arange(self.num_steps), step_keys))
@@ -201,9 +231,13 @@ class Sampler(ParticleResults):
         resample_fn = method.resampling_fn()
 
         def final_resample(key, x, log_w):
+            resample_key, order_key = jax.random.split(key)
             weights = jnp.exp(log_w - logsumexp(log_w))
-            idx = resample_fn(key, weights, num_particles)
-            return x[idx]
+            idx = resample_fn(resample_key, weights, num_particles)
+            # resampling returns the copies of a particle side by side (and neighbours share
+            # ancestors): in a random order a chain is exchangeable, so ArviZ's ESS and trace
+            # plots do not read the copies as a stuck Markov chain
+            return x[jax.random.permutation(order_key, idx)]
 
         if method.is_smc:
             samples = jax.vmap(final_resample)(
@@ -226,10 +260,17 @@ class Sampler(ParticleResults):
         """Run the sampler; ``args``/``kwargs`` are the model's, as in NumPyro's ``MCMC.run``.
 
         The model is read and checked first (clear errors before any sampling). A second call
-        with arrays of the same shapes reuses the compiled program.
+        with arrays of the same shapes reuses the compiled program. Lists of numbers among the
+        model's arguments are made arrays (:func:`~diffprior.model.model_arguments`).
         """
         rng_key = as_key(rng_key)
-        obs = read_model(self.method.model, args, kwargs)
+        args, kwargs = model_arguments(args, kwargs)
+        obs = read_model(
+            self.method.model,
+            args,
+            kwargs,
+            require_observation=self.method.requires_observation,
+        )
         self.method.check(obs.in_latent_space())
         self._obs = obs
         dynamic, static = eqx.partition((args, kwargs), eqx.is_array)
@@ -253,6 +294,49 @@ class Sampler(ParticleResults):
                 RuntimeWarning,
                 stacklevel=2,
             )
+        nonfinite = np.asarray(result["per_step"]["num_nonfinite"])  # (step, chain)
+        if nonfinite.any():
+            steps = np.flatnonzero(nonfinite.sum(axis=1))
+            warnings.warn(
+                f"{self.method.name}: {int(nonfinite.sum())} proposed particles were not finite "
+                f"(NaN or inf) at step(s) {steps.tolist()[:10]}"
+                f"{' ...' if steps.size > 10 else ''}; each was kept at its previous value"
+                f"{' with weight zero' if self.method.is_smc else ''}. Check the network and "
+                "the likelihood at those noise levels, or lower the guidance scale",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if self.method.is_smc:
+            from diffprior.diagnostics import collapse_of_result
+
+            collapse = collapse_of_result(result, self.num_particles, self.method.name)
+            if collapse.message:
+                warnings.warn(collapse.message, RuntimeWarning, stacklevel=2)
+
+    @property
+    def sample_dims(self):
+        # arviz.from_numpyro reads this first from anything that is not a numpyro MCMC object;
+        # a property that raises keeps hasattr(sampler, "sample_dims") False, as before
+        raise AttributeError(
+            "'Sampler' object has no attribute 'sample_dims': a dp.Sampler is not a "
+            "numpyro.infer.MCMC, so arviz.from_numpyro cannot read it; use sampler.to_arviz() or "
+            "dp.to_arviz(sampler)"
+        )
+
+    def print_summary(self, prob: float = 0.9, max_rows: int = 8) -> None:
+        """Print the run's summary in NumPyro's layout, SMC-aware
+        (:func:`diffprior.diagnostics.print_summary`).
+
+        For the SMC methods a table per chain comes first (final and smallest ESS, resampling
+        steps, distinct draws, log-evidence, and the log-evidence's spread across chains), then
+        per site ``mean``, ``std``, ``median``, the central ``prob`` interval and ``r_hat``
+        across chains; sites with more than ``max_rows`` elements show the ``max_rows`` with the
+        largest ``r_hat`` and a line over all elements. Last, the verdict of
+        :func:`diffprior.smc_health`.
+        """
+        from diffprior.diagnostics import print_summary
+
+        print_summary(self.to_arviz(), prob=prob, max_rows=max_rows)
 
     @property
     def log_evidence(self) -> jax.Array | None:
@@ -266,16 +350,26 @@ class Sampler(ParticleResults):
         return self._num_compilations
 
     def to_arviz(self):
-        """The run as an ArviZ ``xarray.DataTree`` (see :func:`diffprior.diagnostics.to_datatree`)."""
+        """The run as an ArviZ ``xarray.DataTree`` (see :func:`diffprior.diagnostics.to_datatree`,
+        which also says how to read ArviZ's ``ess_bulk`` for resampled draws);
+        ``dp.to_arviz(sampler)`` is the same."""
         from diffprior.diagnostics import to_datatree
 
         return to_datatree(self, self._require_result(), self._obs)
 
 
-def _step_summary(info) -> dict[str, jax.Array]:
-    """Per-step, per-chain scalars kept from a kernel's Info (never per-particle arrays)."""
-    fields = ("ess", "resampled", "log_evidence_increment", "degenerate")
-    return {name: getattr(info, name) for name in fields if hasattr(info, name)}
+def _step_summary(info, is_smc: bool) -> dict[str, jax.Array]:
+    """Per-step, per-chain scalars kept from a kernel's Info (never per-particle arrays): the
+    fields of the kernel protocol (:mod:`diffprior.kernels.base`), so that a kernel missing one
+    fails here, by name, rather than leaving a hole in the results."""
+    fields = INFO_FIELDS + (SMC_INFO_FIELDS if is_smc else ())
+    missing = [name for name in fields if not hasattr(info, name)]
+    if missing:
+        raise TypeError(
+            f"the kernel's Info ({type(info).__name__}) lacks {missing}, which the kernel "
+            "protocol of diffprior.kernels.base requires"
+        )
+    return {name: getattr(info, name) for name in fields}
 
 
 def _shard_chains(x):
@@ -290,12 +384,30 @@ def _shard_chains(x):
 
 
 def as_key(rng_key):
-    """A typed PRNG key from an int, a typed key or a legacy ``uint32[2]`` key."""
-    if isinstance(rng_key, int):
-        return jax.random.key(rng_key)
-    rng_key = jnp.asarray(rng_key) if not isinstance(rng_key, jax.Array) else rng_key
-    if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
-        return rng_key
-    if rng_key.shape == (2,) and rng_key.dtype == jnp.uint32:
-        return jax.random.wrap_key_data(rng_key)
-    raise TypeError(f"rng_key must be a jax.random.key or an int seed, got {rng_key!r}")
+    """One typed PRNG key from an int seed, a typed key or a legacy ``uint32[2]`` key; a
+    TypeError naming what was given otherwise.
+
+    >>> as_key(0).shape, as_key(jax.random.PRNGKey(0)).shape
+    ((), ())
+    >>> as_key("abc")
+    Traceback (most recent call last):
+    ...
+    TypeError: rng_key must be a jax.random.key, a legacy uint32[2] key, or an int seed; got 'abc' (str)
+    """
+    if isinstance(rng_key, int | np.integer) and not isinstance(rng_key, bool | np.bool_):
+        return jax.random.key(int(rng_key))
+    expected = "rng_key must be a jax.random.key, a legacy uint32[2] key, or an int seed"
+    if isinstance(rng_key, jax.Array | np.ndarray):
+        if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
+            if rng_key.shape == ():
+                return rng_key
+            raise TypeError(
+                f"{expected}; got a batch of keys of shape {rng_key.shape} (pass one key: one "
+                "run already splits it for its chains)"
+            )
+        if rng_key.shape == (2,) and rng_key.dtype == np.uint32:
+            return jax.random.wrap_key_data(jnp.asarray(rng_key))
+        given = f"an array of dtype {rng_key.dtype} and shape {rng_key.shape}"
+    else:
+        given = f"{rng_key!r} ({type(rng_key).__name__})"
+    raise TypeError(f"{expected}; got {given}")

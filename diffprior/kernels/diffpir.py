@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from blackjax.base import SamplingAlgorithm
 
 from diffprior.diffusion.denoiser import Denoiser
+from diffprior.kernels import base
 from diffprior.types import Array, ArrayLike, PRNGKey
 
 __all__ = ["DiffPIRState", "DiffPIRInfo", "init", "build_kernel", "as_top_level_api"]
@@ -49,23 +50,22 @@ __all__ = ["DiffPIRState", "DiffPIRInfo", "init", "build_kernel", "as_top_level_
 #: ``proximal_fn(x0_hat, rho) -> argmin_x -log p(y | x) + rho/2 ||x - x0_hat||^2``.
 ProximalFn = Callable[[Array, Array], Array]
 
-
-class DiffPIRState(NamedTuple):
-    """particles ``(N, *event_shape)`` at ``timesteps[step]``."""
-
-    particles: Array
-    step: Array
+#: The shared :class:`diffprior.kernels.base.ParticleState`: particles ``(N, *event_shape)``
+#: at ``timesteps[step]``.
+DiffPIRState = base.ParticleState
 
 
 class DiffPIRInfo(NamedTuple):
-    r"""x0_star: the data-consistent estimates; rho: the proximal weight :math:`\rho_t`."""
+    r"""x0_star: the data-consistent estimates; rho: the proximal weight :math:`\rho_t`;
+    num_nonfinite: the particles whose step was not finite, a failed proximal step included
+    (kept in place, :mod:`diffprior.kernels.base`)."""
 
     x0_star: Array
     rho: Array
+    num_nonfinite: Array
 
 
-def init(particles: Array) -> DiffPIRState:
-    return DiffPIRState(particles, jnp.zeros((), jnp.int32))
+init = base.init
 
 
 def build_kernel(
@@ -76,29 +76,26 @@ def build_kernel(
     lam: ArrayLike = 7.0,
     zeta: ArrayLike = 0.3,
 ) -> Callable[[PRNGKey, DiffPIRState], tuple[DiffPIRState, DiffPIRInfo]]:
+    """Build the DiffPIR step (options as in :func:`as_top_level_api`)."""
     schedule = denoiser.schedule
 
-    def one_particle(key, x_t, t, s):
+    def particle_step(key, x_t, times):
+        t, s = times.t, times.s
         x0_hat = denoiser.x0(x_t, t)
         alpha_t, sigma_t = schedule.alpha(t), schedule.sigma(t)
         rho = lam * (alpha_t / sigma_t) ** 2
         x0_star = proximal_fn(x0_hat, rho)
-        x0_star = jnp.where(jnp.isfinite(x0_star), x0_star, x0_hat)
         eps_star = (x_t - alpha_t * x0_star) / sigma_t
         noise = jax.random.normal(key, x_t.shape)
         mixed = jnp.sqrt(1.0 - zeta) * eps_star + jnp.sqrt(zeta) * noise
         x_s = schedule.alpha(s) * x0_star + schedule.sigma(s) * mixed
-        return x_s, x0_star, rho
+        return x_s, (x0_star, rho)
 
-    def kernel(rng_key: PRNGKey, state: DiffPIRState):
-        t, s = timesteps[state.step], timesteps[state.step + 1]
-        keys = jax.random.split(rng_key, state.particles.shape[0])
-        x_s, x0_star, rho = jax.vmap(one_particle, in_axes=(0, 0, None, None))(
-            keys, state.particles, t, s
-        )
-        return DiffPIRState(x_s, state.step + 1), DiffPIRInfo(x0_star, rho[0])
+    def make_info(outputs, times, num_nonfinite):
+        x0_star, rho = outputs
+        return DiffPIRInfo(x0_star, rho[0], num_nonfinite)
 
-    return kernel
+    return base.from_particle_step(particle_step, timesteps, make_info).step
 
 
 def as_top_level_api(
@@ -111,9 +108,6 @@ def as_top_level_api(
 ) -> SamplingAlgorithm:
     r"""DiffPIR as a ``SamplingAlgorithm(init, step)``; ``lam`` and ``zeta`` are the paper's
     :math:`\lambda` and :math:`\zeta`."""
-    kernel = build_kernel(denoiser, proximal_fn, timesteps, lam=lam, zeta=zeta)
-
-    def init_fn(particles: Array, rng_key: PRNGKey | None = None) -> DiffPIRState:
-        return init(particles)
-
-    return SamplingAlgorithm(init_fn, kernel)
+    return SamplingAlgorithm(
+        init, build_kernel(denoiser, proximal_fn, timesteps, lam=lam, zeta=zeta)
+    )

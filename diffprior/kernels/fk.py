@@ -97,7 +97,8 @@ class FKState(NamedTuple):
     running_reward: Array
 
 
-#: Per-step diagnostics: the shared :class:`diffprior.kernels.smc.SMCInfo`.
+#: Per-step diagnostics: the shared :class:`diffprior.kernels.smc.SMCInfo` (ESS, resampling,
+#: ancestors, log-weights, the log-evidence increment, degeneracy and non-finite proposals).
 FKInfo = smc.SMCInfo
 
 
@@ -175,76 +176,73 @@ def build_kernel(
         return x_s, jnp.where(stochastic, log_ratio / (2.0 * variance), 0.0)
 
     def kernel(rng_key: PRNGKey, state: FKState) -> tuple[FKState, FKInfo]:
-        resample_key, noise_key = jax.random.split(rng_key)
         t, s = timesteps[state.step], timesteps[state.step + 1]
-        num_particles = state.particles.shape[0]
+        is_last = state.step == last_step
 
-        decision = smc.maybe_resample(resample_key, state.log_weights, ess_threshold, resample_fn)
-        if resample_every > 1:
-            # only at multiples of the interval: otherwise keep every particle
-            allowed = state.step % resample_every == 0
-            identity = jnp.arange(num_particles)
-            decision = smc.ResampleResult(
-                jnp.where(allowed, decision.ancestors, identity),
-                jnp.where(allowed, decision.log_weights, state.log_weights),
-                decision.resampled & allowed,
-                decision.ess,
+        def propose_fn(key, x_t, carried):
+            _, grad_t, x0_hat_t, _, _ = carried
+            keys = jax.random.split(key, x_t.shape[0])
+            return jax.vmap(propose, in_axes=(0, 0, 0, 0, None, None))(
+                keys, x_t, x0_hat_t, grad_t, t, s
             )
-        carried = smc.gather(
-            (
-                state.particles,
+
+        def weight_fn(x_t, carried, x_s, log_transition_ratio):
+            reward_t, _, _, log_product, running = carried
+            evaluated = _evaluate(denoiser, reward_fn, x_s, s, guided)
+            reward_s = evaluated.log_potential
+            if potential == "difference":
+                running_s = reward_s
+                log_g = lam * (reward_s - reward_t)
+            elif potential == "max":
+                running_s = jnp.maximum(running, reward_s)
+                log_g = lam * running_s
+            else:
+                running_s = running + reward_s
+                log_g = lam * running_s
+            # the last potential completes the product to exp(lam * r(x_0))
+            log_g = jnp.where(is_last, lam * reward_s - log_product, log_g)
+            # -inf - (-inf) would be NaN: a particle with a non-finite reward has weight zero
+            log_g = jnp.where(jnp.isfinite(reward_s), log_g, -jnp.inf)
+            carried_s = (
+                reward_s,
+                evaluated.grad,
+                evaluated.x0_hat,
+                log_product + log_g,
+                running_s,
+            )
+            return log_transition_ratio + log_g, carried_s
+
+        # resampling only at multiples of the interval: otherwise keep every particle
+        allowed = state.step % resample_every == 0 if resample_every > 1 else None
+        result, info = smc.step(
+            rng_key,
+            state.particles,
+            state.log_weights,
+            state.log_evidence,
+            propose_fn,
+            weight_fn,
+            carried=(
                 state.reward,
                 state.grad,
                 state.x0_hat,
                 state.log_potential_product,
                 state.running_reward,
             ),
-            decision.ancestors,
+            ess_threshold=ess_threshold,
+            resample_fn=resample_fn,
+            resample_allowed=allowed,
         )
-        x_t, reward_t, grad_t, x0_hat_t, log_product, running = carried
-
-        keys = jax.random.split(noise_key, num_particles)
-        x_s, log_transition_ratio = jax.vmap(propose, in_axes=(0, 0, 0, 0, None, None))(
-            keys, x_t, x0_hat_t, grad_t, t, s
-        )
-        x_s = jnp.where(jnp.isfinite(x_s), x_s, 0.0)
-        evaluated = _evaluate(denoiser, reward_fn, x_s, s, guided)
-        reward_s = evaluated.log_potential
-
-        if potential == "difference":
-            running_s = reward_s
-            log_g = lam * (reward_s - reward_t)
-        elif potential == "max":
-            running_s = jnp.maximum(running, reward_s)
-            log_g = lam * running_s
-        else:
-            running_s = running + reward_s
-            log_g = lam * running_s
-        # the last potential completes the product to exp(lam * r(x_0))
-        is_last = state.step == last_step
-        log_g = jnp.where(is_last, lam * reward_s - log_product, log_g)
-        # -inf - (-inf) would be NaN: a particle with a non-finite reward has weight zero
-        log_g = jnp.where(jnp.isfinite(reward_s), log_g, -jnp.inf)
-
-        update = smc.reweight(decision.log_weights, log_transition_ratio + log_g)
+        reward, grad, x0_hat, log_product, running = result.carried
         new_state = FKState(
-            x_s,
-            update.log_weights,
-            state.log_evidence + update.log_evidence_increment,
+            result.particles,
+            result.log_weights,
+            result.log_evidence,
             state.step + 1,
-            reward_s,
-            evaluated.grad,
-            evaluated.x0_hat,
-            log_product + log_g,
-            running_s,
-        )
-        info = FKInfo(
-            decision.ess,
-            decision.resampled,
-            decision.ancestors,
-            update.log_weights,
-            update.log_evidence_increment,
-            update.degenerate,
+            reward,
+            grad,
+            x0_hat,
+            log_product,
+            running,
         )
         return new_state, info
 

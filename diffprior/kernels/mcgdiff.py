@@ -16,7 +16,7 @@ that ends at the exact likelihood, :math:`g_{K,i} = N(\tilde y_i; \bar x_{0,i}, 
 the final target is the posterior for any intermediate choice (which only sets the variance of
 the weights). Four choices (``potential``):
 
-- ``"gaussian"`` (default): :math:`p(\tilde y_i \mid \bar x_{t,i})` exactly when
+- ``"gaussian"``: :math:`p(\tilde y_i \mid \bar x_{t,i})` exactly when
   :math:`\bar x_{0,i} \sim N(\mu_i, v_i)` (the prior's moments along the direction):
   :math:`a = \alpha_t v / D`, :math:`b = \mu \sigma_t^2 / D`,
   :math:`e = c^2 + v \sigma_t^2 / D`, :math:`D = \alpha_t^2 v + \sigma_t^2`; exact weights
@@ -30,7 +30,7 @@ the weights). Four choices (``potential``):
   :math:`e = \lvert \rho_t^2 - c_i^2 \rvert` up to :math:`k_i` (the forward noising of the
   pinned value before, the exact likelihood of :math:`\tilde y_i` given
   :math:`\bar x_{t_{k_i}}` at :math:`k_i`), and no potential after;
-- ``"tweedie"`` (with the twist below; the default of :class:`diffprior.MCGdiff`): the
+- ``"tweedie"`` (the default, with the twist below, as in :class:`diffprior.MCGdiff`): the
   ``"gaussian"`` slope and variance, but centred at the parent particle's own denoiser
   estimate instead of the prior mean. The Tweedie mean is a martingale along the reverse
   chain, :math:`E[\hat x_0(x_s) \mid x_t] = \hat x_0(x_t)`, so with the slope
@@ -96,6 +96,7 @@ __all__ = [
     "MCGdiffInfo",
     "PotentialPlan",
     "potential_plan",
+    "check_options",
     "init",
     "build_kernel",
     "as_top_level_api",
@@ -116,7 +117,8 @@ class MCGdiffState(NamedTuple):
     log_correction: Array
 
 
-#: Per-step diagnostics: the shared :class:`diffprior.kernels.smc.SMCInfo`.
+#: Per-step diagnostics: the shared :class:`diffprior.kernels.smc.SMCInfo` (ESS, resampling,
+#: ancestors, log-weights, the log-evidence increment, degeneracy and non-finite proposals).
 MCGdiffInfo = smc.SMCInfo
 
 
@@ -148,7 +150,7 @@ def potential_plan(
     timesteps: Array,
     noise_ratio: Array,
     observed: Array,
-    potential: str = "gaussian",
+    potential: str = "tweedie",
     data_mean: ArrayLike = 0.0,
     data_variance: ArrayLike = 1.0,
 ) -> PotentialPlan:
@@ -193,6 +195,22 @@ def potential_plan(
         jnp.broadcast_to(variance, shape),
         active,
     )
+
+
+def check_options(potential: str, twisted: bool) -> None:
+    """Raise a clear error for a ``potential`` / ``twisted`` pair the kernel cannot run."""
+    if potential not in POTENTIALS:
+        raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
+    if not isinstance(twisted, bool):
+        raise TypeError(f"twisted must be True or False, got {twisted!r}")
+    if twisted and potential == "pinned":
+        raise ValueError("twisted=True needs the 'tweedie', 'gaussian' or 'flat' potential")
+    if not twisted and potential in ANCHORED_POTENTIALS:
+        raise ValueError(
+            f"the {potential!r} potential needs twisted=True (it depends on the parent "
+            "particle, so only the twist can weight it); with twisted=False choose "
+            "'gaussian', 'flat' or 'pinned'"
+        )
 
 
 def _log_normal(x: Array, mean: Array, variance: Array) -> Array:
@@ -281,90 +299,94 @@ def build_kernel(
         return denoiser.transition(x_t, x0_hat, t, s, eta)
 
     def kernel(rng_key: PRNGKey, state: MCGdiffState) -> tuple[MCGdiffState, MCGdiffInfo]:
-        resample_key, noise_key = jax.random.split(rng_key)
         k = state.step
         t, s = timesteps[k], timesteps[k + 1]
-        decision = smc.maybe_resample(resample_key, state.log_weights, ess_threshold, resample_fn)
-        x_t, x0_hat_t, correction_t = smc.gather(
-            (state.particles, state.x0_hat, state.log_correction), decision.ancestors
-        )
-
-        step = jax.vmap(transition, in_axes=(0, 0, None, None))(x_t, x0_hat_t, t, s)
-        variance = jnp.where(
-            k == last_step, jnp.maximum(step.variance, last_variance), step.variance
-        )
-        noise = jax.random.normal(noise_key, x_t.shape)
-        x_prior = step.mean + jnp.sqrt(variance).reshape((-1,) + (1,) * (x_t.ndim - 1)) * noise
-        variance = variance[:, None]  # one isotropic variance per particle, against (N, r)
-
-        # the observed directions: reverse step N(m, v) times the potential N(y; a x + b, e),
-        # a Kalman update in closed form; a zero total variance pins the coordinate
-        mean_coords = _project(basis, step.mean)
-        noise_coords = _project(basis, noise)
         slope, offset = plan.slope[k + 1], plan.offset[k + 1]
         obs_variance, active = plan.variance[k + 1], plan.active[k + 1]
-        if anchored:  # E[x0_hat(x_s) | x_t] = x0_hat(x_t); the last potential is the likelihood
-            anchor = _project(basis, x0_hat_t)
-            predicted = jnp.where(k == last_step, mean_coords, anchor)
-        else:
-            predicted = slope * mean_coords + offset
-        total = slope**2 * variance + obs_variance
-        pinned = total <= 0.0
-        gain = jnp.where(pinned, 1.0 / slope, slope * variance / jnp.where(pinned, 1.0, total))
-        proposal_mean = mean_coords + gain * (pseudo_obs - predicted)
-        proposal_std = jnp.sqrt(jnp.maximum(variance * (1.0 - gain * slope), 0.0))
-        prior_coords = mean_coords + jnp.sqrt(variance) * noise_coords
-        new_coords = jnp.where(active, proposal_mean + proposal_std * noise_coords, prior_coords)
-        x_s = x_prior + ((new_coords - prior_coords) @ basis.T).reshape(x_prior.shape)
-        x_s = jnp.where(jnp.isfinite(x_s), x_s, 0.0)
 
-        # predictive of the new potentials over the previous ones (module docstring)
-        log_numerator = jnp.sum(
-            jnp.where(active, _log_normal(pseudo_obs, predicted, total), 0.0), axis=-1
-        )
-        x0_hat_s = _x0_hat(denoiser, x_s, s)
-        correction_s = correction_t
-        if anchored:
-            # the twist over the proposal potential at x_s (both are the likelihood at the last
-            # step), over the parent's twist
-            potential_s = _log_normal(
-                pseudo_obs,
-                predicted + slope * (_project(basis, x_s) - mean_coords),
-                obs_variance,
+        def propose_fn(noise_key, x_t, carried):
+            x0_hat_t, _ = carried
+            step = jax.vmap(transition, in_axes=(0, 0, None, None))(x_t, x0_hat_t, t, s)
+            variance = jnp.where(
+                k == last_step, jnp.maximum(step.variance, last_variance), step.variance
             )
-            twist_s = _log_normal(pseudo_obs, _project(basis, x0_hat_s), twist.variance[k + 1])
-            twist_t = _log_normal(pseudo_obs, anchor, twist.variance[k])
-            terms = jnp.where(k == last_step, 0.0, twist_s - potential_s) - twist_t
-            log_increment = log_numerator + jnp.sum(jnp.where(active, terms, 0.0), axis=-1)
-        else:
-            previous = _log_normal(
-                pseudo_obs, plan.slope[k] * _project(basis, x_t) + plan.offset[k], plan.variance[k]
+            noise = jax.random.normal(noise_key, x_t.shape)
+            x_prior = step.mean + jnp.sqrt(variance).reshape((-1,) + (1,) * (x_t.ndim - 1)) * noise
+            variance = variance[:, None]  # one isotropic variance per particle, against (N, r)
+
+            # the observed directions: reverse step N(m, v) times the potential N(y; a x + b, e),
+            # a Kalman update in closed form; a zero total variance pins the coordinate
+            mean_coords = _project(basis, step.mean)
+            noise_coords = _project(basis, noise)
+            if anchored:  # E[x0_hat(x_s) | x_t] = x0_hat(x_t); the last potential is the likelihood
+                anchor = _project(basis, x0_hat_t)
+                predicted = jnp.where(k == last_step, mean_coords, anchor)
+            else:
+                anchor = None
+                predicted = slope * mean_coords + offset
+            total = slope**2 * variance + obs_variance
+            pinned = total <= 0.0
+            gain = jnp.where(pinned, 1.0 / slope, slope * variance / jnp.where(pinned, 1.0, total))
+            proposal_mean = mean_coords + gain * (pseudo_obs - predicted)
+            proposal_std = jnp.sqrt(jnp.maximum(variance * (1.0 - gain * slope), 0.0))
+            prior_coords = mean_coords + jnp.sqrt(variance) * noise_coords
+            new_coords = jnp.where(
+                active, proposal_mean + proposal_std * noise_coords, prior_coords
             )
-            log_denominator = jnp.sum(jnp.where(active, previous, 0.0), axis=-1)
-            log_increment = log_numerator - log_denominator
-            if twist is not None:
-                log_potential_s = _log_potential(_project(basis, x_s), pseudo_obs, plan, k + 1)
-                correction_s = _log_correction(
-                    twist, basis, pseudo_obs, x0_hat_s, log_potential_s, k + 1, k == last_step
+            x_s = x_prior + ((new_coords - prior_coords) @ basis.T).reshape(x_prior.shape)
+            return x_s, (mean_coords, anchor, predicted, total)
+
+        def weight_fn(x_t, carried, x_s, aux):
+            _, correction_t = carried
+            mean_coords, anchor, predicted, total = aux
+            # predictive of the new potentials over the previous ones (module docstring)
+            log_numerator = jnp.sum(
+                jnp.where(active, _log_normal(pseudo_obs, predicted, total), 0.0), axis=-1
+            )
+            x0_hat_s = _x0_hat(denoiser, x_s, s)
+            correction_s = correction_t
+            if anchored:
+                # the twist over the proposal potential at x_s (both are the likelihood at the
+                # last step), over the parent's twist
+                potential_s = _log_normal(
+                    pseudo_obs,
+                    predicted + slope * (_project(basis, x_s) - mean_coords),
+                    obs_variance,
                 )
-                log_increment = log_increment + correction_s - correction_t
+                twist_s = _log_normal(pseudo_obs, _project(basis, x0_hat_s), twist.variance[k + 1])
+                twist_t = _log_normal(pseudo_obs, anchor, twist.variance[k])
+                terms = jnp.where(k == last_step, 0.0, twist_s - potential_s) - twist_t
+                log_increment = log_numerator + jnp.sum(jnp.where(active, terms, 0.0), axis=-1)
+            else:
+                previous = _log_normal(
+                    pseudo_obs,
+                    plan.slope[k] * _project(basis, x_t) + plan.offset[k],
+                    plan.variance[k],
+                )
+                log_denominator = jnp.sum(jnp.where(active, previous, 0.0), axis=-1)
+                log_increment = log_numerator - log_denominator
+                if twist is not None:
+                    log_potential_s = _log_potential(_project(basis, x_s), pseudo_obs, plan, k + 1)
+                    correction_s = _log_correction(
+                        twist, basis, pseudo_obs, x0_hat_s, log_potential_s, k + 1, k == last_step
+                    )
+                    log_increment = log_increment + correction_s - correction_t
+            return log_increment, (x0_hat_s, correction_s)
 
-        update = smc.reweight(decision.log_weights, log_increment)
-        new_state = MCGdiffState(
-            x_s,
-            update.log_weights,
-            state.log_evidence + update.log_evidence_increment,
-            k + 1,
-            x0_hat_s,
-            correction_s,
+        result, info = smc.step(
+            rng_key,
+            state.particles,
+            state.log_weights,
+            state.log_evidence,
+            propose_fn,
+            weight_fn,
+            carried=(state.x0_hat, state.log_correction),
+            ess_threshold=ess_threshold,
+            resample_fn=resample_fn,
         )
-        info = MCGdiffInfo(
-            decision.ess,
-            decision.resampled,
-            decision.ancestors,
-            update.log_weights,
-            update.log_evidence_increment,
-            update.degenerate,
+        x0_hat, correction = result.carried
+        new_state = MCGdiffState(
+            result.particles, result.log_weights, result.log_evidence, k + 1, x0_hat, correction
         )
         return new_state, info
 
@@ -379,8 +401,8 @@ def as_top_level_api(
     noise_ratio: Array,
     *,
     observed: Array | None = None,
-    potential: str = "gaussian",
-    twisted: bool = False,
+    potential: str = "tweedie",
+    twisted: bool = True,
     eta: ArrayLike = 1.0,
     data_mean: ArrayLike = 0.0,
     data_variance: ArrayLike = 1.0,
@@ -409,13 +431,15 @@ def as_top_level_api(
     eta
         DDIM stochasticity of the reverse step (must be > 0 for the proposal to move).
     potential
-        ``"gaussian"`` (default), ``"flat"``, ``"pinned"`` or ``"tweedie"`` (module
-        docstring; ``"tweedie"`` needs ``twisted=True``).
+        ``"tweedie"`` (default), ``"gaussian"``, ``"flat"`` or ``"pinned"`` (module
+        docstring; ``"tweedie"`` needs ``twisted=True``, ``"pinned"`` needs
+        ``twisted=False``). The defaults are those of :class:`diffprior.MCGdiff`.
     twisted
         Reweight by the twist :math:`h_k` of :class:`Twist` (the likelihood at the denoiser's
         :math:`\hat x_0`, widened by its Tweedie variance) in place of the potentials, which
         then only shape the proposal: :math:`w_k = \frac{\int p\, g_k}{g_{k-1}}
-        \frac{h_k / g_k}{h_{k-1} / g_{k-1}}`, with :math:`h_K = g_K` the likelihood.
+        \frac{h_k / g_k}{h_{k-1} / g_{k-1}}`, with :math:`h_K = g_K` the likelihood
+        (default ``True``).
     data_mean, data_variance
         The prior's mean and variance along the observed directions (``(r,)`` or scalars):
         the ``"gaussian"`` and ``"tweedie"`` potentials use them, and the mean variance sets the spread of the
@@ -425,6 +449,7 @@ def as_top_level_api(
     log_evidence_offset
         Constant added to the log-evidence (the change of variables to :math:`p(y)`).
     """
+    check_options(potential, twisted)
     ess_threshold = smc.check_ess_threshold(ess_threshold)
     resample_fn = smc.resampling_fn(resampling)
     basis = jnp.asarray(basis, jnp.float32)
@@ -435,12 +460,8 @@ def as_top_level_api(
         denoiser, timesteps, noise_ratio, observed, potential, data_mean, data_variance
     )
     anchored = potential in ANCHORED_POTENTIALS
-    if anchored and not twisted:
-        raise ValueError(f"the {potential!r} potential needs twisted=True")
     twist = None
     if twisted:
-        if potential == "pinned":
-            raise ValueError("twisted=True needs the 'gaussian', 'flat' or 'tweedie' potential")
         # Var[x0_i | x_t] along each direction, (K + 1, r)
         direction_variance = jnp.broadcast_to(jnp.asarray(data_variance), pseudo_obs.shape)
         tweedie = jax.vmap(lambda t: tweedie_variance(denoiser.schedule, t, direction_variance))(

@@ -33,34 +33,31 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 from blackjax.base import SamplingAlgorithm
 
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.diffusion.transitions import guided_x0, sample_transition
+from diffprior.kernels import base
 from diffprior.kernels.guidance import TwistFn, potential_and_grad
 from diffprior.types import Array, ArrayLike, PRNGKey
 
 __all__ = ["PiGDMState", "PiGDMInfo", "init", "build_kernel", "as_top_level_api"]
 
-
-class PiGDMState(NamedTuple):
-    """particles ``(N, *event_shape)`` at ``timesteps[step]``."""
-
-    particles: Array
-    step: Array
+#: The shared :class:`diffprior.kernels.base.ParticleState`: particles ``(N, *event_shape)``
+#: at ``timesteps[step]``.
+PiGDMState = base.ParticleState
 
 
 class PiGDMInfo(NamedTuple):
     r"""log_guidance: the pseudo-inverse log-likelihood :math:`\log \tilde p(y \mid x_t)` per
-    particle before the step."""
+    particle before the step; num_nonfinite: the particles whose step was not finite (kept in
+    place, :mod:`diffprior.kernels.base`)."""
 
     log_guidance: Array
+    num_nonfinite: Array
 
 
-def init(particles: Array) -> PiGDMState:
-    return PiGDMState(particles, jnp.zeros((), jnp.int32))
+init = base.init
 
 
 def build_kernel(
@@ -75,22 +72,17 @@ def build_kernel(
     (or any differentiable stand-in); its gradient through the network guides each step."""
     schedule = denoiser.schedule
 
-    def one_particle(key, x_t, t, s):
+    def particle_step(key, x_t, times):
+        t, s = times.t, times.s
         potential = potential_and_grad(denoiser, guidance_fn, x_t, t)
         x0_guided = guided_x0(schedule, potential.x0_hat, scale * potential.grad, t)
         x_s = sample_transition(key, denoiser.transition(x_t, x0_guided, t, s, eta))
-        x_s = jnp.where(jnp.isfinite(x_s), x_s, 0.0)
         return x_s, potential.log_potential
 
-    def kernel(rng_key: PRNGKey, state: PiGDMState):
-        t, s = timesteps[state.step], timesteps[state.step + 1]
-        keys = jax.random.split(rng_key, state.particles.shape[0])
-        x_s, log_guidance = jax.vmap(one_particle, in_axes=(0, 0, None, None))(
-            keys, state.particles, t, s
-        )
-        return PiGDMState(x_s, state.step + 1), PiGDMInfo(log_guidance)
+    def make_info(log_guidance, times, num_nonfinite):
+        return PiGDMInfo(log_guidance, num_nonfinite)
 
-    return kernel
+    return base.from_particle_step(particle_step, timesteps, make_info).step
 
 
 def as_top_level_api(
@@ -101,10 +93,8 @@ def as_top_level_api(
     scale: ArrayLike = 1.0,
     eta: ArrayLike = 1.0,
 ) -> SamplingAlgorithm:
-    """PiGDM as a ``SamplingAlgorithm(init, step)``; see the module docstring."""
-    kernel = build_kernel(denoiser, guidance_fn, timesteps, scale=scale, eta=eta)
-
-    def init_fn(particles: Array, rng_key: PRNGKey | None = None) -> PiGDMState:
-        return init(particles)
-
-    return SamplingAlgorithm(init_fn, kernel)
+    """PiGDM as a ``SamplingAlgorithm(init, step)``; see the module docstring. ``scale``
+    multiplies the guidance (1 is Bayes' rule); ``eta`` is the DDIM stochasticity."""
+    return SamplingAlgorithm(
+        init, build_kernel(denoiser, guidance_fn, timesteps, scale=scale, eta=eta)
+    )

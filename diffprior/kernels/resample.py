@@ -90,6 +90,7 @@ from blackjax.base import SamplingAlgorithm
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.diffusion.schedules import Schedule
 from diffprior.diffusion.transitions import sample_transition, tweedie_variance
+from diffprior.kernels import base
 from diffprior.types import Array, ArrayLike, PRNGKey
 
 __all__ = [
@@ -104,27 +105,26 @@ __all__ = [
 ]
 
 
-class ReSampleState(NamedTuple):
-    """particles ``(N, *shape)`` at ``timesteps[step]``."""
-
-    particles: Array
-    step: Array
+#: The shared :class:`diffprior.kernels.base.ParticleState`: particles ``(N, *shape)`` at
+#: ``timesteps[step]``.
+ReSampleState = base.ParticleState
 
 
 class ReSampleInfo(NamedTuple):
     r"""x0_hat: the denoiser's :math:`\hat z_0` per particle before the step; x0_star: the
     data-consistent :math:`\hat z_0(y)` (equal to x0_hat at steps without consistency);
     log_likelihood: :math:`\log p(y \mid D(\cdot))` at x0_star; consistency: whether this step
-    enforced data consistency (a boolean scalar)."""
+    enforced data consistency (a boolean scalar); num_nonfinite: the particles whose step was
+    not finite (kept in place, :mod:`diffprior.kernels.base`)."""
 
     x0_hat: Array
     x0_star: Array
     log_likelihood: Array
     consistency: Array
+    num_nonfinite: Array
 
 
-def init(particles: Array) -> ReSampleState:
-    return ReSampleState(particles, jnp.zeros((), jnp.int32))
+init = base.init
 
 
 def consistency_steps(
@@ -213,6 +213,7 @@ def build_kernel(
     encode: Callable[[Array], Array] | None = None,
     image_log_likelihood_fn: Callable[[Array], Array] | None = None,
 ) -> Callable[[PRNGKey, ReSampleState], tuple[ReSampleState, ReSampleInfo]]:
+    """Build the ReSample step (options as in :func:`as_top_level_api`)."""
     pixel_space = _check_pixel_space(decode, encode, image_log_likelihood_fn)
     schedule = denoiser.schedule
     optimizer = optax.adam(0.05) if optimizer is None else optimizer
@@ -220,7 +221,9 @@ def build_kernel(
         consistency_steps(timesteps.shape[0] - 1, consistency_every, tuple(window))
     )
 
-    def one_particle(key, x_t, t, s, active):
+    def particle_step(key, x_t, times):
+        t, s = times.t, times.s
+        active = active_steps[times.index]
         # the unconditional step draws with the particle's key itself, as the unguided kernel
         # does: without consistency steps, ReSample is that kernel draw for draw
         resample_key = jax.random.fold_in(key, 1)
@@ -239,20 +242,14 @@ def build_kernel(
             x0_star = data_consistency(log_likelihood_fn, x0_hat, rho, num_iters, optimizer)
         resampled = stochastic_resample(resample_key, schedule, x0_star, x_prime, t, s, gamma)
         x_s = jnp.where(active, resampled, x_prime)
-        x_s = jnp.where(jnp.all(jnp.isfinite(x_s)), x_s, x_prime)
-        return x_s, x0_hat, x0_star, log_likelihood_fn(x0_star)
+        return x_s, (x0_hat, x0_star, log_likelihood_fn(x0_star))
 
-    def kernel(rng_key: PRNGKey, state: ReSampleState):
-        t, s = timesteps[state.step], timesteps[state.step + 1]
-        active = active_steps[state.step]
-        keys = jax.random.split(rng_key, state.particles.shape[0])
-        x_s, x0_hat, x0_star, log_likelihood = jax.vmap(
-            one_particle, in_axes=(0, 0, None, None, None)
-        )(keys, state.particles, t, s, active)
-        info = ReSampleInfo(x0_hat, x0_star, log_likelihood, active)
-        return ReSampleState(x_s, state.step + 1), info
+    def make_info(outputs, times, num_nonfinite):
+        x0_hat, x0_star, log_likelihood = outputs
+        active = active_steps[times.index]
+        return ReSampleInfo(x0_hat, x0_star, log_likelihood, active, num_nonfinite)
 
-    return kernel
+    return base.from_particle_step(particle_step, timesteps, make_info).step
 
 
 def _check_pixel_space(decode, encode, image_log_likelihood_fn) -> bool:
@@ -311,8 +308,4 @@ def as_top_level_api(
         encode=encode,
         image_log_likelihood_fn=image_log_likelihood_fn,
     )
-
-    def init_fn(particles: Array, rng_key: PRNGKey | None = None) -> ReSampleState:
-        return init(particles)
-
-    return SamplingAlgorithm(init_fn, kernel)
+    return SamplingAlgorithm(init, kernel)

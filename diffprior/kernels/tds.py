@@ -52,7 +52,7 @@ __all__ = ["TDSState", "TDSInfo", "init", "build_kernel", "as_top_level_api"]
 #: and :math:`\hat x_0` at the particles.
 TDSState = fk.FKState
 #: Per-step diagnostics (:class:`diffprior.kernels.fk.FKInfo`): ESS, whether it resampled,
-#: ancestors, log-weights, the log-evidence increment and degeneracy.
+#: ancestors, log-weights, the log-evidence increment, degeneracy and non-finite proposals.
 TDSInfo = fk.FKInfo
 
 

@@ -18,55 +18,48 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 from blackjax.base import SamplingAlgorithm
 
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.diffusion.sampling import ancestral_step
+from diffprior.kernels import base
 from diffprior.types import Array, ArrayLike, PRNGKey
 
 __all__ = ["UnguidedState", "UnguidedInfo", "init", "build_kernel", "as_top_level_api"]
 
-
-class UnguidedState(NamedTuple):
-    """particles ``(N, *event_shape)`` at ``timesteps[step]``."""
-
-    particles: Array
-    step: Array
+#: The shared :class:`diffprior.kernels.base.ParticleState`: particles ``(N, *event_shape)``
+#: at ``timesteps[step]``.
+UnguidedState = base.ParticleState
 
 
 class UnguidedInfo(NamedTuple):
-    """x0_hat: the denoiser's estimate at the particles before the step."""
+    """x0_hat: the denoiser's estimate at the particles before the step; num_nonfinite: the
+    particles whose step was not finite (kept in place, :mod:`diffprior.kernels.base`)."""
 
     x0_hat: Array
+    num_nonfinite: Array
 
 
-def init(particles: Array) -> UnguidedState:
-    return UnguidedState(particles, jnp.zeros((), jnp.int32))
+init = base.init
 
 
 def build_kernel(
     denoiser: Denoiser, timesteps: Array, *, eta: ArrayLike = 1.0
 ) -> Callable[[PRNGKey, UnguidedState], tuple[UnguidedState, UnguidedInfo]]:
-    step_fn = jax.vmap(ancestral_step, in_axes=(0, None, 0, None, None, None))
+    """Build the unguided step (options as in :func:`as_top_level_api`)."""
 
-    def kernel(rng_key: PRNGKey, state: UnguidedState):
-        t, s = timesteps[state.step], timesteps[state.step + 1]
-        keys = jax.random.split(rng_key, state.particles.shape[0])
-        x_s, x0_hat = step_fn(keys, denoiser, state.particles, t, s, eta)
-        return UnguidedState(x_s, state.step + 1), UnguidedInfo(x0_hat)
+    def particle_step(key, x_t, times):
+        return ancestral_step(key, denoiser, x_t, times.t, times.s, eta)
 
-    return kernel
+    def make_info(x0_hat, times, num_nonfinite):
+        return UnguidedInfo(x0_hat, num_nonfinite)
+
+    return base.from_particle_step(particle_step, timesteps, make_info).step
 
 
 def as_top_level_api(
     denoiser: Denoiser, timesteps: Array, *, eta: ArrayLike = 1.0
 ) -> SamplingAlgorithm:
-    """Unguided reverse diffusion as a ``SamplingAlgorithm(init, step)``."""
-    kernel = build_kernel(denoiser, timesteps, eta=eta)
-
-    def init_fn(particles: Array, rng_key: PRNGKey | None = None) -> UnguidedState:
-        return init(particles)
-
-    return SamplingAlgorithm(init_fn, kernel)
+    """Unguided reverse diffusion as a ``SamplingAlgorithm(init, step)``; ``eta`` is the DDIM
+    stochasticity (1: ancestral DDPM, 0: deterministic DDIM)."""
+    return SamplingAlgorithm(init, build_kernel(denoiser, timesteps, eta=eta))

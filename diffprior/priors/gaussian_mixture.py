@@ -35,6 +35,15 @@ __all__ = ["GaussianMixture"]
 _LOG_2PI = float(np.log(2 * np.pi))
 
 
+def _check_entries(name: str, value: np.ndarray, expected: str, is_valid) -> None:
+    """A ValueError naming ``name``, what its entries must be and the first bad one."""
+    bad = ~is_valid(value)
+    if np.any(bad):
+        first = value[bad].ravel()[0] if value.ndim else value
+        count = f" ({int(bad.sum())} of {bad.size} entries)" if value.size > 1 else ""
+        raise ValueError(f"{name} must be {expected}, got {first}{count}")
+
+
 class _MixtureNet(eqx.Module):
     """The exact ``x0`` denoiser of a Gaussian mixture (a network in ``"x0"`` form)."""
 
@@ -132,13 +141,23 @@ class GaussianMixture(DiffusionPrior):
         scale = jnp.asarray(scale, dtype=jnp.float32)
         if scale.shape not in ((), (m,)):
             raise ValueError(f"scale must be a scalar or have shape ({m},), got {scale.shape}")
+        # only concrete values can be checked: a mixture may be built under jit or vmap
+        if not isinstance(means, jax.core.Tracer):
+            _check_entries("means", np.asarray(means), "finite", np.isfinite)
         if not isinstance(weights, jax.core.Tracer):
-            if np.any(np.asarray(weights) < 0) or not np.isfinite(np.asarray(weights)).all():
-                raise ValueError("weights must be finite and non-negative")
-            if float(np.sum(np.asarray(weights))) <= 0:
-                raise ValueError("weights must not all be zero")
-        if not isinstance(scale, jax.core.Tracer) and np.any(np.asarray(scale) <= 0):
-            raise ValueError(f"scale must be positive, got {scale}")
+            concrete = np.asarray(weights)
+            _check_entries(
+                "weights", concrete, "finite and non-negative", lambda w: np.isfinite(w) & (w >= 0)
+            )
+            if float(np.sum(concrete)) <= 0:
+                raise ValueError(f"weights must not all be zero, got {concrete.tolist()}")
+        if not isinstance(scale, jax.core.Tracer):
+            _check_entries(
+                "scale",
+                np.asarray(scale),
+                "finite and positive",
+                lambda s: np.isfinite(s) & (s > 0),
+            )
         variances = jnp.broadcast_to(jnp.reshape(scale**2, (-1, 1)), (m, d))
         log_weights = jnp.log(weights) - jnp.log(jnp.sum(weights))
         self._setup(means, log_weights, variances, None, schedule, validate_args, prior_options)

@@ -74,12 +74,12 @@ def test_low_level_api():
         return jax.scipy.stats.norm.logpdf(1.0, x[0], 0.5)
 
     algorithm = dp.kernels.dps.as_top_level_api(
-        gmm.denoiser, log_likelihood, gmm.timesteps(10), scale=0.1
+        gmm.denoiser, log_likelihood, gmm.timesteps(10), scale=0.1, normalize=False
     )
     state = algorithm.init(jax.random.normal(jax.random.key(0), (16, 2)))
     state, info = algorithm.step(jax.random.key(1), state)
     assert info.log_likelihood.shape == (16,)
+    assert int(info.num_nonfinite) == 0
+    # the paper's normalised step is the default, as for dp.DPS: it needs the residual
     with pytest.raises(ValueError, match="residual_fn"):
-        dp.kernels.dps.as_top_level_api(
-            gmm.denoiser, log_likelihood, gmm.timesteps(10), normalize=True
-        )
+        dp.kernels.dps.as_top_level_api(gmm.denoiser, log_likelihood, gmm.timesteps(10))

@@ -189,6 +189,26 @@ def test_bad_options_rejected(options, error, match):
         dp.MCGdiff(lambda: None, **options)
 
 
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"potential": "tilted"}, ValueError, "potential must be one of"),
+        ({"twisted": 1}, TypeError, "twisted must be True or False"),
+        ({"potential": "pinned"}, ValueError, "twisted=True needs"),
+        ({"potential": "tweedie", "twisted": False}, ValueError, "needs twisted=True"),
+        ({"resampling": "best"}, ValueError, "resampling must be one of"),
+    ],
+)
+def test_the_kernel_rejects_the_same_options(options, error, match):
+    """The kernel's defaults are the method's ("tweedie", twisted), so "pinned" alone is the
+    twisted pinned pair."""
+    gmm = dp.GaussianMixture(jnp.zeros((1, 2)), jnp.ones(1))
+    with pytest.raises(error, match=match):
+        dp.kernels.mcgdiff.as_top_level_api(
+            gmm.denoiser, gmm.timesteps(5), jnp.eye(2)[:, :1], jnp.zeros(1), jnp.ones(1), **options
+        )
+
+
 def _mixture_model_with(likelihood):
     problem = dp.problems.mixture_problem(jax.random.key(0), 8, 2)
 

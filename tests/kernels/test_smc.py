@@ -290,3 +290,102 @@ def test_evidence_of_a_large_run_is_close():
     tolerance = 5 * np.sqrt(ratio.var() * 16 / num_particles) + 1e-3
     error = float(log_z_hat) - _exact_log_normaliser()
     assert abs(error) < tolerance, f"log Z error {error:.4f}, tolerance {tolerance:.4f}"
+
+
+# -- particle-wide reductions over a named axis ---------------------------------------------------
+#
+# The particles split into blocks along a mapped axis (here jax.vmap with an axis name, as
+# shard_map would split them over devices) must give what the whole set gives.
+
+NUM_BLOCKS, BLOCK = 2, 4
+
+
+def _blocks(x):
+    return x.reshape((NUM_BLOCKS, BLOCK) + x.shape[1:])
+
+
+def _over_blocks(fn, *args, shared=()):
+    """``fn(*blocks, *shared)`` on each block of ``args``, mapped with the axis name
+    ``"particles"``; results concatenated back to the whole set where they have a block axis."""
+    mapped = jax.vmap(lambda *a: fn(*a, *shared), in_axes=0, axis_name="particles")
+    return mapped(*(_blocks(a) for a in args))
+
+
+def _joined(x):
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def test_reductions_over_a_named_axis_equal_the_whole_set():
+    log_weights = _normalised(2.0 * jax.random.normal(jax.random.key(10), (8,)))
+    log_weights = log_weights.at[3].set(-jnp.inf)
+    lse = _over_blocks(lambda w: smc.log_sum_exp(w, "particles"), log_weights)
+    np.testing.assert_allclose(lse, float(logsumexp(log_weights)), atol=1e-6)
+    blocked_ess = _over_blocks(lambda w: smc.ess(w, "particles"), log_weights)
+    np.testing.assert_allclose(blocked_ess, float(smc.ess(log_weights)), rtol=1e-5)
+    empty = _over_blocks(lambda w: smc.log_sum_exp(w, "particles"), jnp.full((8,), -jnp.inf))
+    assert np.all(np.asarray(empty) == -np.inf)
+    increments = jnp.arange(8.0) - 4.0
+    whole = smc.reweight(log_weights, increments)
+    split = _over_blocks(lambda w, g: smc.reweight(w, g, "particles"), log_weights, increments)
+    np.testing.assert_allclose(_joined(split.log_weights), whole.log_weights, atol=1e-5)
+    np.testing.assert_allclose(
+        split.log_evidence_increment, whole.log_evidence_increment, atol=1e-5
+    )
+    counts = _over_blocks(lambda w: smc.num_particles(w, "particles") + 0 * w[0], log_weights)
+    np.testing.assert_array_equal(counts, 8)
+
+
+@pytest.mark.parametrize("scheme", ["systematic", "multinomial"])
+def test_resampling_and_gather_over_a_named_axis_equal_the_whole_set(scheme):
+    key = jax.random.key(11)
+    log_weights = _normalised(jnp.array([3.0, 0.0, -1.0, 2.5, -jnp.inf, 0.5, 1.0, -2.0]))
+    particles = jnp.arange(16.0).reshape(8, 2)
+    resample_fn = smc.resampling_fn(scheme)
+    whole = smc.maybe_resample(key, log_weights, 1.0, resample_fn)
+
+    def block_resample(w, x):
+        decision = smc.maybe_resample(key, w, 1.0, resample_fn, axis_name="particles")
+        return decision, smc.gather(x, decision.ancestors, "particles")
+
+    split, gathered = _over_blocks(block_resample, log_weights, particles)
+    np.testing.assert_array_equal(_joined(split.ancestors), whole.ancestors)
+    np.testing.assert_allclose(_joined(split.log_weights), whole.log_weights, rtol=1e-6)
+    np.testing.assert_array_equal(_joined(gathered), particles[whole.ancestors])
+    # below the threshold nothing moves, and the ancestors are each particle's global index
+    kept = _over_blocks(
+        lambda w: smc.maybe_resample(key, w, 0.5, resample_fn, axis_name="particles"),
+        _normalised(jnp.zeros(8)),
+    )
+    np.testing.assert_array_equal(_joined(kept.ancestors), np.arange(8))
+
+
+def test_the_step_over_a_named_axis_equals_the_whole_set():
+    log_weights = _normalised(jnp.array([2.0, 0.0, -1.0, 2.5, -3.0, 0.5, 1.0, -2.0]))
+    particles = jnp.linspace(-1.0, 1.0, 16).reshape(8, 2)
+
+    def propose(key, parents, carried):
+        return 0.5 * parents + 1.0, None
+
+    def weight(parents, carried, particles, aux):
+        return -jnp.sum(particles**2, axis=1), carried
+
+    def run(x, w, axis_name=None):
+        return smc.step(
+            jax.random.key(12),
+            x,
+            w,
+            jnp.zeros(()),
+            propose,
+            weight,
+            ess_threshold=0.9,
+            axis_name=axis_name,
+        )
+
+    whole, whole_info = run(particles, log_weights)
+    split, split_info = _over_blocks(lambda x, w: run(x, w, "particles"), particles, log_weights)
+    assert bool(whole_info.resampled)
+    np.testing.assert_array_equal(_joined(split_info.ancestors), whole_info.ancestors)
+    np.testing.assert_allclose(_joined(split.particles), whole.particles, rtol=1e-6)
+    np.testing.assert_allclose(_joined(split.log_weights), whole.log_weights, atol=1e-5)
+    np.testing.assert_allclose(split.log_evidence, whole.log_evidence, atol=1e-5)
+    np.testing.assert_allclose(split_info.ess, whole_info.ess, rtol=1e-5)

@@ -10,9 +10,9 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from conftest import grid_mixture_params
 from scipy.special import logsumexp
 from scipy.stats import norm
+from shared_setup import grid_mixture_params
 
 import diffprior as dp
 

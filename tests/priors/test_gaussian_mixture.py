@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SCHEDULES
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
+from shared_setup import SCHEDULES
 
 import diffprior as dp
 
@@ -178,3 +178,47 @@ def test_sample_and_log_prob_shapes(grid_mixture):
 def test_bad_arguments_raise(args, match):
     with pytest.raises(ValueError, match=match):
         dp.GaussianMixture(*args)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"means": [[NAN, 0.0], [1.0, 0.0]]}, "means must be finite, got nan (1 of 4 entries)"),
+        ({"means": [[INF, -INF], [1.0, 0.0]]}, "means must be finite, got inf (2 of 4 entries)"),
+        (
+            {"weights": [INF, 1.0]},
+            "weights must be finite and non-negative, got inf (1 of 2 entries)",
+        ),
+        (
+            {"weights": [0.5, -0.5]},
+            "weights must be finite and non-negative, got -0.5 (1 of 2 entries)",
+        ),
+        ({"weights": [0.0, 0.0]}, "weights must not all be zero, got [0.0, 0.0]"),
+        ({"scale": NAN}, "scale must be finite and positive, got nan"),
+        ({"scale": INF}, "scale must be finite and positive, got inf"),
+        ({"scale": 0.0}, "scale must be finite and positive, got 0.0"),
+        ({"scale": [1.0, NAN]}, "scale must be finite and positive, got nan (1 of 2 entries)"),
+    ],
+)
+def test_bad_values_are_named_at_construction(kwargs, message):
+    """Non-finite or out-of-range values fail when the mixture is made, naming the argument and
+    the value (not later, as a -inf log-evidence or a Denoiser error)."""
+    arguments = {"means": [[-1.0, 0.0], [1.0, 0.0]], "weights": [0.5, 0.5], **kwargs}
+    with pytest.raises(ValueError) as info:
+        dp.GaussianMixture(**arguments)
+    assert str(info.value) == message
+
+
+def test_traced_values_are_not_checked():
+    """Under jit and vmap the values are unknown: the mixture is built and used as usual."""
+
+    def mean(means, scale):
+        return dp.GaussianMixture(means, jnp.ones(2), scale).mean
+
+    means = jnp.array([[-1.0, 0.0], [1.0, 2.0]])
+    np.testing.assert_allclose(jax.jit(mean)(means, 0.5), [0.0, 1.0])
+    batched = jax.vmap(mean, in_axes=(0, None))(jnp.stack([means, -means]), 0.5)
+    np.testing.assert_allclose(batched, [[0.0, 1.0], [0.0, -1.0]])

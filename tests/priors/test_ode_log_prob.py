@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SCHEDULES
+from shared_setup import SCHEDULES
 
 import diffprior as dp
 

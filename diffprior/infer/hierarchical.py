@@ -1,0 +1,1009 @@
+r"""Hierarchical models: latent sites :math:`\theta` (noise levels, gains, degrees of freedom,
+...) sampled together with the DiffusionPrior site :math:`x`.
+
+A hierarchical model in diffprior's sense is
+
+.. math::
+    p(\theta, x, y) = p(\theta)\, p(x)\, p(y \mid x, \theta),
+
+where :math:`p(x)` is the (discretised) diffusion prior, which must not depend on
+:math:`\theta`, and :math:`p(\theta)` any NumPyro prior on continuous sites that does not
+depend on :math:`x`::
+
+    def model(y=None):
+        sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+        x = numpyro.sample("x", prior)
+        numpyro.sample("y", dist.Normal(A @ x, sigma).to_event(1), obs=y)
+
+:func:`read_hierarchical_model` reads such a model into a :class:`HierarchicalModel` whose
+methods are pure JAX functions of ``(x, theta)``. Two NumPyro MCMC kernels sample it:
+
+- :class:`PMMH`, particle marginal Metropolis-Hastings (Andrieu, Doucet & Holenstein 2010): a
+  Gaussian random walk on the unconstrained :math:`\theta` whose likelihood is the SMC
+  estimate :math:`\hat p(y \mid \theta)` of TDS or MCGdiff;
+- :class:`ParticleGibbs`, particle Gibbs with ancestor sampling (Lindsten, Jordan & Schön
+  2014): NUTS (or any NumPyro kernel) on :math:`\theta \mid x`, then the conditional twisted
+  SMC of :mod:`diffprior.kernels.csmc` on :math:`x \mid \theta`.
+
+Both target :math:`p(\theta, x \mid y)` exactly for any number of particles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from jax.flatten_util import ravel_pytree
+from numpyro import handlers
+from numpyro.distributions.transforms import biject_to
+from numpyro.infer.hmc import NUTS
+from numpyro.infer.mcmc import MCMCKernel
+from numpyro.infer.util import (
+    compute_log_probs,
+    constrain_fn,
+    potential_energy,
+    unconstrain_fn,
+)
+from numpyro.ops.provenance import eval_provenance
+from numpyro.util import is_prng_key
+
+from diffprior.diffusion.grids import timesteps as make_timesteps
+from diffprior.infer.methods import TDS, MCGdiff, Method
+from diffprior.kernels import csmc
+from diffprior.model import (
+    ModelError,
+    ObservationModel,
+    is_diffusion_prior,
+    model_arguments,
+    unwrap_distribution,
+)
+from diffprior.priors.diffusion_prior import DiffusionPrior
+from diffprior.types import Array
+
+__all__ = [
+    "ThetaSite",
+    "HierarchicalModel",
+    "read_hierarchical_model",
+    "PMMH",
+    "PMMHState",
+    "ParticleGibbs",
+    "ParticleGibbsState",
+    "PMMH_METHODS",
+    "X_KWARG",
+]
+
+
+class ThetaSite(NamedTuple):
+    """A latent site besides the DiffusionPrior site.
+
+    name
+        The site's name.
+    shape
+        Shape of its (constrained) value.
+    unconstrained_shape
+        Shape of its value in unconstrained space, where NumPyro's
+        ``biject_to(site["fn"].support)`` maps it from (differs for e.g. a simplex).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    unconstrained_shape: tuple[int, ...]
+
+
+def _is_factor(site: Mapping[str, Any]) -> bool:
+    return isinstance(unwrap_distribution(site["fn"]), dist.distribution.Unit)
+
+
+def _feasible_value(fn: dist.Distribution) -> Array:
+    """A point of the site's support, the image of zero in unconstrained space (nothing is
+    drawn, so reading a model needs no random key); a discrete site gets zeros here and is
+    refused afterwards."""
+    if fn.support.is_discrete:
+        return jnp.zeros(fn.shape(), jnp.result_type(int))
+    transform = biject_to(fn.support)
+    shape = tuple(fn.shape())
+    return transform(jnp.zeros(transform.inverse_shape(shape), jnp.result_type(float)))
+
+
+class HierarchicalModel:
+    r"""A NumPyro model with one DiffusionPrior site ``x`` and latent sites :math:`\theta`.
+
+    Build it with :func:`read_hierarchical_model`. Every method is a pure JAX function
+    (jit-able, vmap-able, differentiable) of ``x`` (the prior's event shape) and ``theta``
+    (a dict site name -> value, constrained unless the method says otherwise).
+
+    Attributes
+    ----------
+    prior_site, prior, event_shape
+        The DiffusionPrior site, its distribution and the shape of one ``x``.
+    theta_sites
+        Site name -> :class:`ThetaSite`, in the model's order.
+    observed
+        Observed site name -> observed value (``numpyro.factor`` terms are not listed here but
+        count in :meth:`log_likelihood`).
+    likelihood_sites
+        Every observed site and factor term: :meth:`log_likelihood` is their sum.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        args: tuple,
+        kwargs: dict,
+        prior_site: str,
+        prior: DiffusionPrior,
+        theta_sites: dict[str, ThetaSite],
+        observed: dict[str, Array],
+        likelihood_sites: Sequence[str],
+    ) -> None:
+        self.model = model
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs)
+        self.prior_site = prior_site
+        self.prior = prior
+        self.event_shape = tuple(prior.event_shape)
+        self.theta_sites = dict(theta_sites)
+        self.observed = dict(observed)
+        self.likelihood_sites = tuple(likelihood_sites)
+
+    def __repr__(self) -> str:
+        theta = ", ".join(f"{s.name}{s.shape}" for s in self.theta_sites.values())
+        return (
+            f"HierarchicalModel(prior_site={self.prior_site!r}, event_shape={self.event_shape}, "
+            f"theta=[{theta}], observed={list(self.observed)})"
+        )
+
+    # -- transforms and the prior of theta ---------------------------------------------------
+    def _theta_only(self) -> Callable:
+        """The model with the DiffusionPrior site (at zeros) and the likelihood hidden: a
+        NumPyro model of the theta sites alone, for NumPyro's own transforms."""
+        x = jnp.zeros(self.event_shape, jnp.result_type(float))
+        model = handlers.substitute(self.model, data={self.prior_site: x})
+        return handlers.block(model, hide=[self.prior_site, *self.likelihood_sites])
+
+    def constrain(self, unconstrained: Mapping[str, Array]) -> dict[str, Array]:
+        """Unconstrained values -> values on each site's support (NumPyro's
+        :func:`~numpyro.infer.util.constrain_fn`, so supports that depend on other sites work)."""
+        values = constrain_fn(self._theta_only(), self.args, self.kwargs, dict(unconstrained))
+        return {name: values[name] for name in self.theta_sites}
+
+    def unconstrain(self, theta: Mapping[str, Array]) -> dict[str, Array]:
+        """Values on each site's support -> unconstrained values."""
+        values = unconstrain_fn(self._theta_only(), self.args, self.kwargs, dict(theta))
+        return {name: values[name] for name in self.theta_sites}
+
+    def _log_probs(self, x: Array, theta: Mapping[str, Array], hide: Sequence[str]) -> dict:
+        data = {**theta, self.prior_site: x}
+        model = handlers.block(handlers.substitute(self.model, data=data), hide=list(hide))
+        log_probs, _ = compute_log_probs(model, self.args, self.kwargs, params={})
+        return log_probs
+
+    def log_prior(self, theta: Mapping[str, Array]) -> Array:
+        r""":math:`\log p(\theta)`, the sum of the theta sites' log-densities (with any
+        ``numpyro.handlers.scale``)."""
+        x = jnp.zeros(self.event_shape, jnp.result_type(float))
+        log_probs = self._log_probs(x, theta, [self.prior_site, *self.likelihood_sites])
+        return sum(
+            (log_probs[name] for name in self.theta_sites),
+            start=jnp.zeros((), jnp.result_type(float)),
+        )
+
+    def log_prior_unconstrained(self, unconstrained: Mapping[str, Array]) -> Array:
+        r""":math:`\log p(\theta) + \log \lvert \det J \rvert` at :math:`\theta = T(u)`:
+        the prior density of the unconstrained values :math:`u` (minus NumPyro's
+        :func:`~numpyro.infer.util.potential_energy` of the theta sites)."""
+        return -potential_energy(self._theta_only(), self.args, self.kwargs, dict(unconstrained))
+
+    def log_likelihood(self, x: Array, theta: Mapping[str, Array]) -> Array:
+        r""":math:`\log p(y \mid x, \theta)`, the sum over :attr:`likelihood_sites`."""
+        return self.observation_model(theta).log_likelihood(x)
+
+    def observation_model(self, theta: Mapping[str, Array]) -> ObservationModel:
+        r"""The likelihood given :math:`\theta` as an
+        :class:`~diffprior.model.ObservationModel` of ``x``, what the samplers of
+        :class:`~diffprior.Sampler` (TDS, MCGdiff, ...) take; ``theta`` may be traced."""
+        return ObservationModel(
+            handlers.substitute(self.model, data=dict(theta)),
+            self.args,
+            self.kwargs,
+            self.prior_site,
+            self.prior,
+            self.observed,
+            likelihood_sites=self.likelihood_sites,
+        )
+
+    def theta_model(self, x_kwarg: str, model: Callable | None = None) -> Callable:
+        r"""The model as a NumPyro model of :math:`\theta` alone: it takes ``x`` through the
+        keyword ``x_kwarg``, substitutes it and hides the DiffusionPrior site, so that
+        NumPyro's kernels see :math:`p(\theta)\, p(y \mid x, \theta)` and never evaluate the
+        prior's ``log_prob``. ``model`` replaces the model read (a wrapped copy of it)."""
+        model = self.model if model is None else model
+        prior_site = self.prior_site
+
+        def theta_model(*args, **kwargs):
+            x = kwargs.pop(x_kwarg)
+            conditioned = handlers.substitute(model, data={prior_site: x})
+            return handlers.block(conditioned, hide=[prior_site])(*args, **kwargs)
+
+        return theta_model
+
+
+def _trace_at(
+    model: Callable, args: tuple, kwargs: dict, data: Mapping[str, Array] | None = None
+) -> dict[str, Any]:
+    """The model's trace with zeros at the DiffusionPrior site, ``data`` at the sites it names
+    and a feasible point at any other latent site (nothing is drawn)."""
+    data = dict(data or {})
+
+    def value_at(msg):
+        if msg["type"] != "sample" or msg["is_observed"]:
+            return None
+        if msg["name"] in data:
+            return data[msg["name"]]
+        if is_diffusion_prior(msg["fn"]):
+            return jnp.zeros(msg["fn"].shape(), jnp.result_type(float))
+        return _feasible_value(msg["fn"])
+
+    return handlers.trace(handlers.substitute(model, substitute_fn=value_at)).get_trace(
+        *args, **kwargs
+    )
+
+
+def read_hierarchical_model(
+    model: Callable, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+) -> HierarchicalModel:
+    r"""Check a NumPyro model with latent sites besides its DiffusionPrior site and return its
+    :class:`HierarchicalModel`.
+
+    The model is traced with zeros at the DiffusionPrior site and, at every other latent site,
+    the point of its support that NumPyro's transform maps zero to (nothing is drawn). It is
+    rejected with a :class:`~diffprior.model.ModelError` naming the site when:
+
+    - it has no DiffusionPrior site, or more than one, or the DiffusionPrior site is observed;
+    - it has no other latent site (use :class:`diffprior.Sampler` with a method instead);
+    - a latent site is discrete (NumPyro's gradient and random-walk kernels need continuous
+      sites: marginalise it out);
+    - the DiffusionPrior site's distribution depends on :math:`\theta` (the samplers use the
+      prior's reverse diffusion, which must be the same for every :math:`\theta`), or a
+      :math:`\theta` site's distribution depends on ``x``;
+    - no observed site (or ``numpyro.factor``) depends on ``x``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> import diffprior as dp
+    >>> prior = dp.GaussianMixture(jnp.zeros((1, 2)), jnp.ones(1))
+    >>> def model(y=None):
+    ...     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    ...     x = numpyro.sample("x", prior)
+    ...     numpyro.sample("y", dist.Normal(x, sigma).to_event(1), obs=y)
+    >>> hm = read_hierarchical_model(model, kwargs={"y": jnp.array([0.5, -0.5])})
+    >>> list(hm.theta_sites), hm.theta_sites["sigma"].shape
+    (['sigma'], ())
+    >>> round(float(hm.log_likelihood(jnp.zeros(2), {"sigma": 1.0})), 4)  # 2 log N(0.5; 0, 1)
+    -2.0879
+    """
+    args, kwargs = model_arguments(tuple(args), dict(kwargs or {}))
+    if not callable(model):
+        raise TypeError(f"model must be a NumPyro model function, got {type(model).__name__}")
+    trace = _trace_at(model, args, kwargs)
+    sample_sites = [site for site in trace.values() if site["type"] == "sample"]
+    prior_sites = [site for site in sample_sites if is_diffusion_prior(site["fn"])]
+    if len(prior_sites) != 1:
+        found = ", ".join(repr(site["name"]) for site in prior_sites) or "none"
+        raise ModelError(
+            "a hierarchical model needs exactly one DiffusionPrior sample site, x = "
+            f"numpyro.sample('x', prior), with prior a diffprior.DiffusionPrior; found {found}"
+        )
+    prior_site = prior_sites[0]
+    name = prior_site["name"]
+    if prior_site["is_observed"]:
+        raise ModelError(
+            f"site {name!r}: the DiffusionPrior site is observed (obs=...), but it must be the "
+            "latent to sample"
+        )
+    prior = unwrap_distribution(prior_site["fn"])
+    if tuple(prior_site["fn"].shape()) != tuple(prior.event_shape):
+        raise ModelError(
+            f"site {name!r}: the DiffusionPrior site has shape {tuple(prior_site['fn'].shape())}, "
+            f"but the prior's event shape is {tuple(prior.event_shape)}; put it outside any "
+            "plate and do not expand it"
+        )
+
+    theta_sites = {}
+    for site in sample_sites:
+        if site is prior_site or site["is_observed"]:
+            continue
+        fn = site["fn"]
+        if fn.support.is_discrete:
+            raise ModelError(
+                f"site {site['name']!r}: a discrete latent site ({type(fn).__name__}) cannot be "
+                "sampled by ParticleGibbs or PMMH, which move continuous sites; marginalise it "
+                "out (e.g. a mixture distribution) or fix it with numpyro.handlers.condition"
+            )
+        transform = biject_to(fn.support)
+        shape = tuple(fn.shape())
+        theta_sites[site["name"]] = ThetaSite(
+            site["name"], shape, tuple(transform.inverse_shape(shape))
+        )
+    if not theta_sites:
+        raise ModelError(
+            f"the model has no latent site besides the DiffusionPrior site {name!r}; sample it "
+            "with dp.Sampler(dp.TDS(model), ...) (ParticleGibbs and PMMH are for models with "
+            "other latent sites)"
+        )
+
+    likelihood_sites = [site["name"] for site in sample_sites if site["is_observed"]]
+    observed = {
+        site["name"]: jnp.asarray(site["value"])
+        for site in sample_sites
+        if site["is_observed"] and not _is_factor(site)
+    }
+    hm = HierarchicalModel(
+        model, args, kwargs, name, prior, theta_sites, observed, likelihood_sites
+    )
+    _check_dependencies(hm, trace)
+    return hm
+
+
+def _check_dependencies(hm: HierarchicalModel, trace: Mapping[str, Any]) -> None:
+    """Refuse a prior that depends on theta, theta sites that depend on x, and a likelihood
+    that does not depend on x (provenance tracking through the model's jaxpr: nothing is
+    computed)."""
+    theta0 = {name: trace[name]["value"] for name in hm.theta_sites}
+    x0 = jnp.zeros(hm.event_shape, jnp.result_type(float))
+
+    def prior_leaves(theta):
+        tr = _trace_at(hm.model, hm.args, hm.kwargs, {**theta, hm.prior_site: x0})
+        return [
+            leaf
+            for leaf in jax.tree.leaves(tr[hm.prior_site]["fn"])
+            if isinstance(leaf, jax.Array | np.ndarray)
+        ]
+
+    def site_terms(x, theta):
+        log_probs = hm._log_probs(x, theta, [hm.prior_site])
+        return {site: log_probs[site] for site in [*hm.theta_sites, *hm.likelihood_sites]}
+
+    try:
+        leaves = eval_provenance(prior_leaves, theta=theta0)
+        terms = eval_provenance(site_terms, x=x0, theta=theta0)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError) as err:
+        raise ModelError(
+            "the model must be a pure JAX function of its latent sites (traceable by jax.jit: "
+            f"no Python `if` on {hm.prior_site!r} or on {list(hm.theta_sites)}), but tracing it "
+            f"failed with {type(err).__name__}"
+        ) from err
+    if any("theta" in sources for sources in leaves):
+        raise ModelError(
+            f"site {hm.prior_site!r}: the DiffusionPrior's distribution depends on the latent "
+            f"sites {list(hm.theta_sites)}, but it must be the same for every value of them "
+            "(the samplers run its reverse diffusion); put the dependence in the likelihood, "
+            "e.g. y ~ Normal(g * A(x), sigma)"
+        )
+    for site in hm.theta_sites:
+        if "x" in terms[site]:
+            raise ModelError(
+                f"site {site!r}: its distribution depends on the DiffusionPrior site "
+                f"{hm.prior_site!r}, but the latent sites besides it must not (p(theta) is "
+                "taken before x); sample it before x, from parameters that do not involve x"
+            )
+    if not any("x" in terms[site] for site in hm.likelihood_sites):
+        raise ModelError(
+            f"no observed site depends on the DiffusionPrior site {hm.prior_site!r} "
+            f"(observed: {list(hm.likelihood_sites)}), so there is nothing to condition it on"
+        )
+
+
+# -- the NumPyro kernels -------------------------------------------------------------------------
+#: Reserved model keyword through which ParticleGibbs hands x to its theta kernel.
+X_KWARG = "_diffprior_x"
+
+#: Methods PMMH takes by name.
+PMMH_METHODS = {"tds": TDS, "mcgdiff": MCGdiff}
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _is_batched(rng_key: Array) -> bool:
+    """Whether MCMC handed one key per chain (``chain_method="vectorized"``)."""
+    return not is_prng_key(rng_key)
+
+
+def _finite_or(value: Array, fallback: float) -> Array:
+    return jnp.where(jnp.isfinite(value), value, fallback)
+
+
+class _HierarchicalKernel(MCMCKernel):
+    """What PMMH and ParticleGibbs share: the model, its reading at ``init``, the diffusion
+    grid, the vectorised-chains plumbing and NumPyro's ``postprocess_fn``."""
+
+    sample_field = "z"
+
+    def __init__(self, model: Callable, num_particles: int, num_steps: int, spacing: str):
+        if not callable(model):
+            raise TypeError(f"model must be a NumPyro model function, got {type(model).__name__}")
+        self._model = model
+        self.num_particles = _check_count("num_particles", num_particles, 1)
+        self.num_steps = _check_count("num_steps", num_steps, 1)
+        self.spacing = spacing
+        self._hm: HierarchicalModel | None = None
+        self._init_cache: dict = {}
+        self._num_warmup = 0
+        self._vectorized = False
+
+    @property
+    def model(self) -> Callable:
+        return self._model
+
+    def _read(self, model_args, model_kwargs) -> HierarchicalModel:
+        args, kwargs = model_arguments(tuple(model_args), dict(model_kwargs or {}))
+        hm = self._hm
+        if hm is None or not _same_arguments(hm, args, kwargs):
+            hm = read_hierarchical_model(self._model, args, kwargs)
+        return hm
+
+    def _timesteps(self, hm: HierarchicalModel) -> Array:
+        return make_timesteps(hm.prior.schedule, self.num_steps, self.spacing)
+
+    def postprocess_fn(self, model_args, model_kwargs):
+        """Unconstrained theta to each site's support (and any ``numpyro.deterministic``
+        sites); ``x`` as it is."""
+        args, kwargs = model_arguments(tuple(model_args), dict(model_kwargs or {}))
+
+        def postprocess(z):
+            return constrain_fn(self._model, args, kwargs, z, return_deterministic=True)
+
+        return postprocess
+
+    def _init_chain(self, rng_key, init_params, hm, model_args, model_kwargs):
+        raise NotImplementedError
+
+    def _sample_chain(self, state, hm, model_args, model_kwargs):
+        raise NotImplementedError
+
+    def _check(self, hm: HierarchicalModel) -> None:
+        """Checks on the concrete model before anything is compiled."""
+
+    def init(self, rng_key, num_warmup, init_params, model_args, model_kwargs):
+        hm = self._read(model_args, model_kwargs)
+        if hm is not self._hm:
+            self._check(hm)
+            self._hm = hm
+            self._init_cache = {}
+        self._num_warmup = int(num_warmup)
+        self._vectorized = _is_batched(rng_key)
+        # one compiled initialisation per model reading and layout, reused by later runs
+        cache_key = (self._vectorized, init_params is None, self._num_warmup)
+        if cache_key not in self._init_cache:
+
+            def init_chain(key, params):
+                return self._init_chain(key, params, hm, model_args, model_kwargs)
+
+            if self._vectorized:
+                init_chain = jax.vmap(init_chain)
+            self._init_cache[cache_key] = jax.jit(init_chain)
+        return self._initialise(self._init_cache[cache_key], rng_key, init_params)
+
+    def _initialise(self, init_fn, rng_key, init_params):
+        return init_fn(rng_key, init_params)
+
+    def sample(self, state, model_args, model_kwargs):
+        hm = self._read(model_args, model_kwargs)
+
+        def sample_chain(chain_state):
+            return self._sample_chain(chain_state, hm, model_args, model_kwargs)
+
+        if self._vectorized:
+            return jax.vmap(sample_chain)(state)
+        return sample_chain(state)
+
+
+def _same_arguments(hm: HierarchicalModel, args: tuple, kwargs: dict) -> bool:
+    """Whether ``args``/``kwargs`` are the ones ``hm`` was read with (same objects)."""
+    if len(args) != len(hm.args) or set(kwargs) != set(hm.kwargs):
+        return False
+    return all(a is b for a, b in zip(args, hm.args, strict=True)) and all(
+        kwargs[name] is hm.kwargs[name] for name in kwargs
+    )
+
+
+class PMMHState(NamedTuple):
+    """State of :class:`PMMH`.
+
+    i
+        Iteration (warmup included).
+    z
+        Current draw: the theta sites in unconstrained space and ``x``.
+    log_density
+        :math:`\\log \\hat p(y \\mid \\theta) + \\log p(\\theta) + \\log \\lvert \\det J
+        \\rvert` at ``z``: the pseudo-marginal target, kept from the accepted run and never
+        recomputed (that is what makes the method exact).
+    log_evidence
+        The accepted run's :math:`\\log \\hat p(y \\mid \\theta)`.
+    accept_prob
+        Metropolis-Hastings acceptance probability of the last proposal.
+    mean_accept_prob
+        Its running mean (over warmup during warmup, over sampling after).
+    step_size
+        Random-walk scale on the unconstrained theta (adapted during warmup).
+    rng_key
+        The chain's key.
+    """
+
+    i: Array
+    z: dict
+    log_density: Array
+    log_evidence: Array
+    accept_prob: Array
+    mean_accept_prob: Array
+    step_size: Array
+    rng_key: Array
+
+
+class PMMH(_HierarchicalKernel):
+    r"""Particle marginal Metropolis-Hastings (Andrieu, Doucet & Holenstein, JRSS B 2010,
+    section 2.4.2) on the latent sites :math:`\theta` of a hierarchical model, as a NumPyro
+    :class:`~numpyro.infer.mcmc.MCMCKernel`.
+
+    Each iteration proposes :math:`u' = u + h\,\varepsilon` on the unconstrained
+    :math:`\theta` (all sites flattened, :math:`\varepsilon \sim N(0, I)`), runs the SMC
+    sampler ``method`` (TDS or MCGdiff) on :math:`x` given :math:`\theta'` and accepts with
+    probability
+
+    .. math::
+        \min\Big(1, \frac{\hat p(y \mid \theta')\, p(\theta')\, \lvert J(u') \rvert}
+        {\hat p(y \mid \theta)\, p(\theta)\, \lvert J(u) \rvert}\Big),
+
+    where :math:`\hat p(y \mid \theta)` is the SMC's unbiased evidence estimate. The current
+    estimate is kept in the state and never recomputed, so the chain targets
+    :math:`p(\theta \mid y)` exactly (for the discretised prior) whatever the number of
+    particles; with ``x`` drawn from the accepted run's final weights, :math:`(\theta, x)`
+    targets :math:`p(\theta, x \mid y)`. Few particles make the estimate noisy and the chain
+    sticky (it mixes well when the standard deviation of :math:`\log \hat p` is about 1 or
+    less): PMMH suits models where TDS or MCGdiff estimate the evidence well; otherwise use
+    :class:`ParticleGibbs`.
+
+    During warmup the step :math:`h` follows a Robbins-Monro recursion,
+    :math:`\log h \mathrel{+}= (i + 1)^{-0.6} (\alpha_i - \alpha^*)`, towards the acceptance
+    rate ``target_accept_prob``; it is frozen after warmup.
+
+    Parameters
+    ----------
+    model
+        A NumPyro model with one DiffusionPrior site and other continuous latent sites
+        (see :func:`read_hierarchical_model`).
+    method
+        The SMC sampler of ``x`` given theta: ``"tds"`` (default), ``"mcgdiff"`` (linear
+        Gaussian likelihoods; no network gradient), the class ``dp.TDS`` / ``dp.MCGdiff``, or
+        an instance with options, e.g. ``dp.TDS(model, variance_inflation=None)``.
+    num_particles, num_steps
+        Particles and diffusion steps of each SMC run.
+    step_size
+        Initial random-walk scale on the unconstrained theta.
+    target_accept_prob
+        Acceptance rate the warmup adapts the step to (0.25 by default; lower, about 0.1,
+        suits a noisy evidence).
+    adapt_step_size
+        Whether to adapt the step during warmup.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> import diffprior as dp
+    >>> prior = dp.GaussianMixture(jnp.array([[-2.0, 0.0], [2.0, 0.0]]), jnp.ones(2))
+    >>> def model(y=None):
+    ...     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    ...     x = numpyro.sample("x", prior)
+    ...     numpyro.sample("y", dist.Normal(x, sigma).to_event(1), obs=y)
+    >>> mcmc = numpyro.infer.MCMC(
+    ...     dp.PMMH(model, num_particles=32, num_steps=10),
+    ...     num_warmup=20, num_samples=20, progress_bar=False,
+    ... )
+    >>> mcmc.run(jax.random.key(0), y=jnp.array([1.5, 0.2]))
+    >>> {name: value.shape for name, value in mcmc.get_samples().items()}
+    {'sigma': (20,), 'x': (20, 2)}
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        method: Any = "tds",
+        *,
+        num_particles: int,
+        num_steps: int,
+        step_size: float = 0.5,
+        target_accept_prob: float = 0.25,
+        adapt_step_size: bool = True,
+    ):
+        super().__init__(model, num_particles, num_steps, "uniform")
+        self.method = _resolve_method(method, model)
+        self.spacing = self.method.spacing
+        if not float(step_size) > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size!r}")
+        if not 0.0 < float(target_accept_prob) < 1.0:
+            raise ValueError(f"target_accept_prob must be in (0, 1), got {target_accept_prob!r}")
+        if not isinstance(adapt_step_size, bool):
+            raise TypeError(f"adapt_step_size must be True or False, got {adapt_step_size!r}")
+        self.step_size = float(step_size)
+        self.target_accept_prob = float(target_accept_prob)
+        self.adapt_step_size = adapt_step_size
+
+    def _check(self, hm: HierarchicalModel) -> None:
+        theta = hm.constrain(
+            {name: jnp.zeros(site.unconstrained_shape) for name, site in hm.theta_sites.items()}
+        )
+        self.method.check(hm.observation_model(theta).in_latent_space())
+
+    def get_diagnostics_str(self, state: PMMHState) -> str:
+        return (
+            f"step size {float(state.step_size):.2e}. acc. prob={float(state.mean_accept_prob):.2f}"
+        )
+
+    def _smc(self, key, hm: HierarchicalModel, theta, times) -> tuple[Array, Array]:
+        """One SMC run given theta: ``(log p^(y | theta), x)`` with ``x`` one particle drawn
+        by its final weight."""
+        prior = hm.prior
+        obs = hm.observation_model(theta).in_latent_space()
+        algorithm = self.method.build(prior, obs, times)
+        key_init, key_run, key_draw = jax.random.split(key, 3)
+        state = algorithm.init(prior.sample_reference(key_init, (self.num_particles,)))
+
+        def body(state, key):
+            return algorithm.step(key, state)[0], None
+
+        state, _ = jax.lax.scan(body, state, jax.random.split(key_run, self.num_steps))
+        index = jax.random.categorical(key_draw, state.log_weights)
+        x = prior.decode(state.particles[index])
+        return _finite_or(state.log_evidence, -jnp.inf), x
+
+    def _init_chain(self, rng_key, init_params, hm, model_args, model_kwargs):
+        times = self._timesteps(hm)
+        names = list(hm.theta_sites)
+        if init_params is None:
+            template = {
+                name: jnp.zeros(site.unconstrained_shape, jnp.result_type(float))
+                for name, site in hm.theta_sites.items()
+            }
+        else:
+            missing = [name for name in names if name not in init_params]
+            if missing:
+                raise ValueError(
+                    f"init_params must give every latent site besides {hm.prior_site!r} "
+                    f"(unconstrained); missing {missing}"
+                )
+            template = {name: jnp.asarray(init_params[name]) for name in names}
+        flat, unravel = ravel_pytree(template)
+
+        key_theta, key_smc, key = jax.random.split(rng_key, 3)
+        if init_params is None:
+            # as NumPyro's init_to_uniform: uniform on (-2, 2) in unconstrained space
+            u = unravel(jax.random.uniform(key_theta, flat.shape, minval=-2.0, maxval=2.0))
+        else:
+            u = template
+        log_evidence, x = self._smc(key_smc, hm, hm.constrain(u), times)
+        log_density = _finite_or(log_evidence + hm.log_prior_unconstrained(u), -jnp.inf)
+        zero = jnp.zeros((), jnp.result_type(float))
+        return PMMHState(
+            jnp.zeros((), jnp.int32),
+            {**u, hm.prior_site: x},
+            log_density,
+            log_evidence,
+            zero,
+            zero,
+            jnp.asarray(self.step_size / np.sqrt(flat.size), jnp.result_type(float)),
+            key,
+        )
+
+    def _initialise(self, init_fn, rng_key, init_params):
+        """Start where the SMC evidence is finite: chains that drew a theta without one draw
+        again (up to a limit; with ``init_params`` they cannot)."""
+        state = init_fn(rng_key, init_params)
+        for _ in range(_MAX_INIT_TRIES if init_params is None else 1):
+            valid = jnp.isfinite(state.log_density)
+            if bool(jnp.all(valid)):
+                return state
+            # the state's key is already a fresh one, split from the last
+            state = _where_valid(valid, state, init_fn(state.rng_key, None))
+        raise RuntimeError(
+            f"PMMH found no starting value of {list(self._hm.theta_sites)} with a finite SMC "
+            f"evidence in {_MAX_INIT_TRIES} tries; pass init_params, or use more particles"
+        )
+
+    def _sample_chain(self, state: PMMHState, hm, model_args, model_kwargs) -> PMMHState:
+        times = self._timesteps(hm)
+        key, key_move, key_smc, key_accept = jax.random.split(state.rng_key, 4)
+        u = {name: state.z[name] for name in hm.theta_sites}
+        flat, unravel = ravel_pytree(u)
+        proposal = unravel(flat + state.step_size * jax.random.normal(key_move, flat.shape))
+        log_evidence, x = self._smc(key_smc, hm, hm.constrain(proposal), times)
+        log_density = _finite_or(log_evidence + hm.log_prior_unconstrained(proposal), -jnp.inf)
+        log_ratio = _finite_or(log_density - state.log_density, -jnp.inf)
+        accept_prob = jnp.exp(jnp.minimum(log_ratio, 0.0))
+        accept = jax.random.uniform(key_accept) < accept_prob
+
+        z = jax.tree.map(
+            lambda new, old: jnp.where(accept, new, old),
+            {**proposal, hm.prior_site: x},
+            state.z,
+        )
+        i = state.i + 1
+        warmup = state.i < self._num_warmup
+        step_size = state.step_size
+        if self.adapt_step_size:
+            rate = (state.i + 1.0) ** -0.6
+            adapted = step_size * jnp.exp(rate * (accept_prob - self.target_accept_prob))
+            step_size = jnp.where(warmup, adapted, step_size)
+        # the running mean restarts when sampling starts
+        count = jnp.where(warmup, i, i - self._num_warmup)
+        mean_accept = state.mean_accept_prob + (accept_prob - state.mean_accept_prob) / count
+        return PMMHState(
+            i,
+            z,
+            jnp.where(accept, log_density, state.log_density),
+            jnp.where(accept, log_evidence, state.log_evidence),
+            accept_prob,
+            mean_accept,
+            step_size,
+            key,
+        )
+
+
+def _where_valid(valid: Array, kept: Any, fresh: Any) -> Any:
+    """Per chain, ``kept`` where ``valid`` else ``fresh`` (leaves with a leading chain axis
+    shaped like ``valid``)."""
+
+    def select(old, new):
+        return jnp.where(jnp.reshape(valid, valid.shape + (1,) * (old.ndim - valid.ndim)), old, new)
+
+    return jax.tree.map(select, kept, fresh)
+
+
+#: Draws of unconstrained theta PMMH tries before it gives up on a finite evidence.
+_MAX_INIT_TRIES = 100
+
+
+def _resolve_method(method: Any, model: Callable) -> Method:
+    """A method given by name, class or instance, bound to ``model``; SMC methods only."""
+    if isinstance(method, str):
+        if method.lower() not in PMMH_METHODS:
+            raise ValueError(
+                f"method must be one of {tuple(PMMH_METHODS)} or a dp.TDS / dp.MCGdiff class or "
+                f"instance, got {method!r}"
+            )
+        return PMMH_METHODS[method.lower()](model)
+    if isinstance(method, type) and issubclass(method, Method):
+        method = method(model)
+    if not isinstance(method, Method) or not method.is_smc:
+        raise ValueError(
+            'method must be an SMC method with an evidence estimate ("tds", "mcgdiff", '
+            f"dp.TDS, dp.MCGdiff, or an instance such as dp.TDS(model, ...)), got {method!r}"
+        )
+    return method
+
+
+class ParticleGibbsState(NamedTuple):
+    """State of :class:`ParticleGibbs`.
+
+    z
+        Current draw: the theta sites in unconstrained space and ``x``.
+    theta_state
+        The theta kernel's state (e.g. NUTS's ``HMCState``), its cached potential refreshed
+        at the current ``x``.
+    path
+        ``(num_steps + 1, *event_shape)`` the reference path of the conditional SMC (on the
+        prior's latent for a :class:`~diffprior.LatentDiffusionPrior`); ``x`` is its decoded
+        last entry.
+    diverging
+        Whether the theta kernel's last transition diverged (NUTS and HMC; False otherwise).
+    ancestor_moves
+        Fraction of the last sweep's steps where ancestor sampling moved the reference off its
+        own history (near zero means the path is frozen).
+    rng_key
+        The chain's key.
+    """
+
+    z: dict
+    theta_state: Any
+    path: Array
+    diverging: Array
+    ancestor_moves: Array
+    rng_key: Array
+
+
+class ParticleGibbs(_HierarchicalKernel):
+    r"""Particle Gibbs with ancestor sampling on a hierarchical model (Andrieu, Doucet &
+    Holenstein 2010; Lindsten, Jordan & Schön 2014), as a NumPyro
+    :class:`~numpyro.infer.mcmc.MCMCKernel`.
+
+    Each iteration alternates two moves that both leave :math:`p(\theta, x_{0:K} \mid y)`
+    invariant, :math:`x_{0:K}` the reverse diffusion path of the discretised prior:
+
+    1. :math:`\theta \mid x, y`: one transition of ``theta_kernel`` (NUTS by default) on
+       :math:`p(\theta)\, p(y \mid x, \theta)` with ``x`` fixed (the prior's density does not
+       involve :math:`\theta`, so it drops out);
+    2. :math:`x_{0:K} \mid \theta, y`: one sweep of conditional twisted SMC with ancestor
+       sampling (:mod:`diffprior.kernels.csmc`) with TDS's twists and guided proposal, which
+       keeps the current path as its reference and draws a new one.
+
+    The chain targets :math:`p(\theta, x \mid y)` exactly for any number of particles
+    :math:`N \ge 2`; more particles make consecutive ``x`` less correlated. Unlike
+    :class:`PMMH` it never needs a precise evidence estimate, so it keeps mixing where the
+    evidence of a single SMC run is noisy (high dimension, informative data, few particles).
+    ``x`` moves once per iteration, so :math:`\theta` correlated with ``x`` mixes at the pace
+    of ``x``.
+
+    Parameters
+    ----------
+    model
+        A NumPyro model with one DiffusionPrior site and other continuous latent sites
+        (see :func:`read_hierarchical_model`).
+    num_particles, num_steps
+        Particles (at least 2) and diffusion steps of each conditional SMC sweep.
+    theta_kernel
+        How to build the kernel on theta: ``None`` for ``numpyro.infer.NUTS``, a callable
+        ``theta_kernel(model) -> MCMCKernel`` such as ``numpyro.infer.HMC`` or
+        ``functools.partial(numpyro.infer.NUTS, target_accept_prob=0.9)``, or a kernel
+        instance built on ``model`` (rebound with its ``wrap_model``). The kernel must
+        implement ``refresh`` (NumPyro's HMC and NUTS do): ``x`` changes between its moves.
+    scale, eta, variance_inflation, spacing
+        The twisted proposal's options, as for :class:`diffprior.TDS` (``eta`` must be > 0).
+    ancestor_sampling
+        Redraw the reference's ancestors (default); ``False`` is plain particle Gibbs, valid
+        but with a reference path that rarely moves at high noise.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> import diffprior as dp
+    >>> prior = dp.GaussianMixture(jnp.array([[-2.0, 0.0], [2.0, 0.0]]), jnp.ones(2))
+    >>> def model(y=None):
+    ...     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    ...     x = numpyro.sample("x", prior)
+    ...     numpyro.sample("y", dist.Normal(x, sigma).to_event(1), obs=y)
+    >>> mcmc = numpyro.infer.MCMC(
+    ...     dp.ParticleGibbs(model, num_particles=16, num_steps=10),
+    ...     num_warmup=20, num_samples=20, progress_bar=False,
+    ... )
+    >>> mcmc.run(jax.random.key(0), y=jnp.array([1.5, 0.2]))
+    >>> {name: value.shape for name, value in mcmc.get_samples().items()}
+    {'sigma': (20,), 'x': (20, 2)}
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        num_particles: int,
+        num_steps: int,
+        theta_kernel: Callable | MCMCKernel | None = None,
+        scale: float = 1.0,
+        eta: float = 1.0,
+        variance_inflation: str | None = "jacobian",
+        spacing: str = "uniform",
+        ancestor_sampling: bool = True,
+    ):
+        super().__init__(model, num_particles, num_steps, spacing)
+        if self.num_particles < 2:
+            raise ValueError(
+                "num_particles must be >= 2 for ParticleGibbs (one particle holds the "
+                f"reference path), got {num_particles}"
+            )
+        # TDS validates the twist options and builds the twist from the model given theta
+        self._tds = TDS(
+            model, scale=scale, eta=eta, variance_inflation=variance_inflation, spacing=spacing
+        )
+        if not self._tds.options["eta"] > 0:
+            raise ValueError("eta must be > 0 for ParticleGibbs (stochastic reverse steps)")
+        if not isinstance(ancestor_sampling, bool):
+            raise TypeError(f"ancestor_sampling must be True or False, got {ancestor_sampling!r}")
+        if not (theta_kernel is None or callable(theta_kernel)):
+            raise TypeError(
+                "theta_kernel must be None (NUTS), a callable theta_kernel(model) -> "
+                f"MCMCKernel such as numpyro.infer.HMC, or a kernel instance; got {theta_kernel!r}"
+            )
+        self.theta_kernel = theta_kernel
+        self.ancestor_sampling = ancestor_sampling
+        self._inner: MCMCKernel | None = None
+
+    def _build_inner(self, hm: HierarchicalModel) -> MCMCKernel:
+        theta_model = hm.theta_model(X_KWARG)
+        if self.theta_kernel is None:
+            return NUTS(theta_model)
+        if isinstance(self.theta_kernel, MCMCKernel):
+            try:
+                return self.theta_kernel.wrap_model(lambda model: hm.theta_model(X_KWARG, model))
+            except NotImplementedError:
+                raise TypeError(
+                    f"theta_kernel {type(self.theta_kernel).__name__} cannot be rebound to the "
+                    "model of theta given x (no wrap_model); pass a callable "
+                    "theta_kernel(model) -> MCMCKernel instead"
+                ) from None
+        inner = self.theta_kernel(theta_model)
+        if not isinstance(inner, MCMCKernel):
+            raise TypeError(
+                f"theta_kernel(model) must return a numpyro MCMCKernel, got {type(inner).__name__}"
+            )
+        return inner
+
+    def _check(self, hm: HierarchicalModel) -> None:
+        self._inner = self._build_inner(hm)
+
+    def get_diagnostics_str(self, state: ParticleGibbsState) -> str:
+        return self._inner.get_diagnostics_str(state.theta_state) if self._inner else ""
+
+    def _sweep(self, key, hm: HierarchicalModel, theta, path):
+        prior = hm.prior
+        obs = hm.observation_model(theta).in_latent_space()
+        options = self._tds.options
+        arguments = (
+            key,
+            path,
+            prior.denoiser,
+            self._tds.twist_fn(prior, obs),
+            self._timesteps(hm),
+            self.num_particles,
+            prior.sample_reference,
+        )
+        return csmc.sweep(
+            *arguments,
+            eta=options["eta"],
+            scale=options["scale"],
+            ancestor_sampling=self.ancestor_sampling,
+        )
+
+    def _refresh(self, theta_state, model_args, model_kwargs, x):
+        kwargs = {**dict(model_kwargs or {}), X_KWARG: x}
+        try:
+            return self._inner.refresh(theta_state, model_args, kwargs)
+        except NotImplementedError:
+            raise TypeError(
+                f"theta_kernel {type(self._inner).__name__} does not implement refresh, so it "
+                "cannot follow x as it changes; use NUTS or HMC"
+            ) from None
+
+    def _theta(self, hm: HierarchicalModel, theta_state) -> dict[str, Array]:
+        return hm.constrain({name: theta_state.z[name] for name in hm.theta_sites})
+
+    def _state(self, hm, theta_state, path, info, key) -> ParticleGibbsState:
+        x = hm.prior.decode(path[-1])
+        diverging = getattr(theta_state, "diverging", jnp.zeros((), bool))
+        moves = jnp.mean(info.reference_ancestors != 0)
+        return ParticleGibbsState(
+            {**theta_state.z, hm.prior_site: x}, theta_state, path, diverging, moves, key
+        )
+
+    def _init_chain(self, rng_key, init_params, hm, model_args, model_kwargs):
+        key_x, key_theta, key_path, key = jax.random.split(rng_key, 4)
+        # a prior draw of x to start theta from; the first sweep then draws x given theta
+        x_start = hm.prior.sample(key_x)
+        kwargs = {**dict(model_kwargs or {}), X_KWARG: x_start}
+        theta_state = self._inner.init(key_theta, self._num_warmup, init_params, model_args, kwargs)
+        path, info = self._sweep(key_path, hm, self._theta(hm, theta_state), None)
+        theta_state = self._refresh(
+            theta_state, model_args, model_kwargs, hm.prior.decode(path[-1])
+        )
+        return self._state(hm, theta_state, path, info, key)
+
+    def _sample_chain(self, state: ParticleGibbsState, hm, model_args, model_kwargs):
+        key, key_sweep = jax.random.split(state.rng_key)
+        x = state.z[hm.prior_site]
+        kwargs = {**dict(model_kwargs or {}), X_KWARG: x}
+        theta_state = self._inner.sample(state.theta_state, model_args, kwargs)
+        path, info = self._sweep(key_sweep, hm, self._theta(hm, theta_state), state.path)
+        theta_state = self._refresh(
+            theta_state, model_args, model_kwargs, hm.prior.decode(path[-1])
+        )
+        return self._state(hm, theta_state, path, info, key)
+
+    @property
+    def default_fields(self) -> tuple[str, ...]:
+        return ("z", "diverging")
