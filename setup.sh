@@ -8,7 +8,7 @@
 #   bash setup.sh notebooks       # + jupytext, JupyterLab and a kernel, to open examples/*.md
 #
 # PYTHON=/path/to/python overrides the search. The search tries, in order: python3.12,
-# python3.13, python3 on PATH, then the newest 3.12.x / 3.13.x under pyenv. Each candidate is
+# python3.13, python3 on PATH, then the newest 3.12.x, else 3.13.x, under pyenv. Each candidate is
 # run once to make sure it works: a pyenv shim can be on PATH and still refuse to run.
 set -euo pipefail
 
@@ -44,10 +44,13 @@ find_python() {
     local roots=()
     command -v pyenv >/dev/null 2>&1 && roots+=("$(pyenv root)")
     roots+=("${PYENV_ROOT:-$HOME/.pyenv}")
-    for root in "${roots[@]}"; do
-        while IFS= read -r candidate; do
-            works "$candidate" && { echo "$candidate"; return 0; }
-        done < <(compgen -G "$root/versions/3.1[23].*/bin/python3" | sort -rV)
+    # 3.12 first: the version CI tests; the newest patch release of it.
+    for minor in 12 13; do
+        for root in "${roots[@]}"; do
+            while IFS= read -r candidate; do
+                works "$candidate" && { echo "$candidate"; return 0; }
+            done < <(compgen -G "$root/versions/3.$minor.*/bin/python3" | sort -rV)
+        done
     done
     return 1
 }
