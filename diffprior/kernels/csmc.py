@@ -75,7 +75,7 @@ from blackjax.base import SamplingAlgorithm
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.diffusion.transitions import guided_x0
 from diffprior.kernels import base, smc
-from diffprior.kernels.guidance import TwistFn, potential_and_grad
+from diffprior.kernels.guidance import TwistFn, guided_log_ratio, potential_and_grad
 from diffprior.types import Array, ArrayLike, PRNGKey
 
 __all__ = ["CSMCState", "CSMCInfo", "init", "sweep", "build_kernel", "as_top_level_api"]
@@ -218,14 +218,8 @@ def sweep(
         # the package's rule for failed proposals: keep the parent, with weight zero
         finite = base.replace_nonfinite(x_s, parents.x)
         x_s = finite.particles
-        # log p(x_s | x_t) - log q(x_s | x_t) with x_s = m_q + sqrt(v) z, without the
-        # cancelling squares (float32)
-        flat_shift = shift.reshape((num_particles, -1))
-        flat_noise = noise.reshape((num_particles, -1))
-        log_ratio = -(
-            jnp.sum(flat_shift**2, axis=1)
-            + 2.0 * jnp.sqrt(safe_variance) * jnp.sum(flat_shift * flat_noise, axis=1)
-        ) / (2.0 * safe_variance)
+        # log p(x_s | x_t) - log q(x_s | x_t), as FK's guided proposal
+        log_ratio = jax.vmap(guided_log_ratio, in_axes=(0, 0, None))(shift, noise, safe_variance)
         log_ratio = jnp.where(stochastic, log_ratio, 0.0)
 
         proposed = _evaluate(denoiser, twist_fn, x_s, s)

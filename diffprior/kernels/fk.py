@@ -46,7 +46,12 @@ from blackjax.base import SamplingAlgorithm
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.diffusion.transitions import guided_x0
 from diffprior.kernels import smc
-from diffprior.kernels.guidance import TwistFn, potential_and_grad, potential_value
+from diffprior.kernels.guidance import (
+    TwistFn,
+    guided_log_ratio,
+    potential_and_grad,
+    potential_value,
+)
 from diffprior.types import Array, ArrayLike, PRNGKey
 
 __all__ = [
@@ -170,10 +175,7 @@ def build_kernel(
         # a deterministic step (zero variance) cannot be guided: follow the prior
         shift = jnp.where(stochastic, guided_step.mean - prior_step.mean, 0.0)
         x_s = prior_step.mean + shift + jnp.sqrt(prior_step.variance) * noise
-        # log N(x_s; m_prior, v) - log N(x_s; m_guided, v) with x_s = m_guided + sqrt(v) z,
-        # written without the cancelling squares for float32 accuracy
-        log_ratio = -(jnp.sum(shift**2) + 2.0 * jnp.sqrt(variance) * jnp.sum(shift * noise))
-        return x_s, jnp.where(stochastic, log_ratio / (2.0 * variance), 0.0)
+        return x_s, jnp.where(stochastic, guided_log_ratio(shift, noise, variance), 0.0)
 
     def kernel(rng_key: PRNGKey, state: FKState) -> tuple[FKState, FKInfo]:
         t, s = timesteps[state.step], timesteps[state.step + 1]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.types import Array, ArrayLike
 
-__all__ = ["Potential", "potential_and_grad", "potential_value", "TwistFn"]
+__all__ = ["Potential", "guided_log_ratio", "potential_and_grad", "potential_value", "TwistFn"]
 
 #: ``twist_fn(x0_hat, t) -> log p~(y | x0_hat)`` (a scalar), for one particle.
 TwistFn = Callable[[Array, Array], Array]
@@ -72,3 +72,14 @@ def potential_value(denoiser: Denoiser, twist_fn: TwistFn, x_t: Array, t: ArrayL
     value = twist_fn(x0_hat, t)
     value = jnp.where(jnp.isfinite(value), value, -jnp.inf)
     return Potential(value, jnp.zeros_like(x_t), x0_hat)
+
+
+def guided_log_ratio(shift: Array, noise: Array, variance: Array) -> Array:
+    r""":math:`\log N(x_s; m, v) - \log N(x_s; m + \delta, v)` for one particle proposed as
+    :math:`x_s = m + \delta + \sqrt{v}\, z`, written without the cancelling squares for float32
+    accuracy: :math:`-(\lVert\delta\rVert^2 + 2 \sqrt{v}\, \delta \cdot z) / (2 v)`. The prior
+    step over the guided step, the weight factor of every guided SMC proposal (FK, TDS, CSMC);
+    ``variance`` must be positive (a deterministic step has no guided proposal)."""
+    return -(jnp.sum(shift**2) + 2.0 * jnp.sqrt(variance) * jnp.sum(shift * noise)) / (
+        2.0 * variance
+    )
