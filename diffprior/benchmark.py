@@ -66,6 +66,7 @@ METHODS: dict[str, Callable | None] = {
     "pigdm": lambda model: PiGDM(model),
     "diffpir": lambda model: DiffPIR(model),
     "tds": lambda model: TDS(model),
+    "tds-guided": lambda model: TDS(model, proposal="guided"),
     "fk": lambda model: FK(model),
     "fk-max": lambda model: FK(model, potential="max"),
     "mcgdiff": lambda model: MCGdiff(model),

@@ -48,6 +48,8 @@ from numpyro.infer.util import compute_log_probs
 from numpyro.ops.provenance import eval_provenance
 from numpyro.primitives import Messenger
 
+from diffprior import linear_gaussian as lg
+from diffprior.operators import LinearOperator, record_calls
 from diffprior.priors.diffusion_prior import DiffusionPrior
 from diffprior.types import Array, ArrayLike
 
@@ -313,6 +315,102 @@ class ObservationModel:
             for name in self.observed
         ]
         return jnp.concatenate([jnp.zeros((0,), jnp.result_type(float)), *means])
+
+    # -- linear Gaussian structure --------------------------------------------------------------
+    def is_linear_gaussian(self, rtol: float = 1e-4) -> bool:
+        """Whether every observed site is Normal with a scale that does not depend on ``x`` and
+        its mean is affine in ``x`` (checked at random points; needs concrete values), and no
+        other term (a ``numpyro.factor`` depending on ``x``) enters the likelihood."""
+        if not self.observed or set(self.noise_families().values()) != {"Normal"}:
+            return False
+        if set(self.likelihood_sites) != set(self.observed):
+            return False
+        keys = jax.random.split(jax.random.key(0), 2)
+        a, b = (jax.random.normal(k, self.event_shape) for k in keys)
+        zero = jnp.zeros(self.event_shape)
+        mean = self.observation_mean
+        residual = mean(a + b) - mean(a) - mean(b) + mean(zero)
+        size = jnp.abs(mean(a)) + jnp.abs(mean(b)) + 1.0
+        scales_fixed = jnp.allclose(self.observation_scale(a), self.observation_scale(zero))
+        return bool(jnp.all(jnp.abs(residual) <= rtol * size)) and bool(scales_fixed)
+
+    def _structured_operator(self) -> tuple[LinearOperator | None, bool]:
+        """The one :mod:`diffprior.operators` operator that maps ``x`` to the only observed
+        site, if there is one, and whether that site's noise scale is a single number."""
+        zero = jnp.zeros(self.event_shape, jnp.result_type(float))
+        with record_calls() as calls:
+            tr = handlers.trace(self._conditioned(zero, None)).get_trace(*self.args, **self.kwargs)
+        if self.decode is not None or len(self.observed) != 1:
+            return None, False
+        (name,) = self.observed
+        ops = []
+        size = int(np.prod(self.event_shape))
+        for op in calls:
+            if op.in_dim == size and all(op is not seen for seen in ops):
+                ops.append(op)
+        if len(ops) != 1 or ops[0].out_dim != int(np.size(self.observed[name])):
+            return None, False
+        scale = getattr(unwrap_distribution(tr[name]["fn"]), "scale", None)
+        return ops[0], scale is not None and int(np.size(scale)) == 1
+
+    def linear_gaussian(self) -> lg.WhitenedSVD:
+        r"""The whitened SVD (:class:`diffprior.linear_gaussian.WhitenedSVD`) of a linear
+        Gaussian model :math:`y = g A x + b + \sigma \varepsilon`.
+
+        When the one observed site's mean is :math:`g A(x) + b` for one
+        :mod:`diffprior.operators` operator ``A`` applied to ``x`` in the model (a scalar gain
+        :math:`g` and offset :math:`b` allowed) with one noise scale (or one per observation
+        for :class:`~diffprior.operators.Inpaint` and
+        :class:`~diffprior.operators.Downsample`), the SVD is the operator's own: no dense
+        matrix exists, whatever ``d``. Otherwise it is the thin SVD of the mean's dense
+        Jacobian, refused with a ``ModelError`` naming the structured operators above
+        :data:`diffprior.linear_gaussian.MAX_DENSE_ENTRIES` entries.
+
+        The model must be linear Gaussian (:meth:`is_linear_gaussian`); with concrete values
+        the structured form is checked against the model's own mean.
+        """
+        families = self.noise_families()
+        if not families or set(families.values()) != {"Normal"}:
+            detail = ", ".join(f"{site}: {family}" for site, family in families.items())
+            raise ModelError(f"a whitened SVD needs Normal observations; the model has ({detail})")
+        zero = jnp.zeros(self.event_shape, jnp.result_type(float))
+        offset = self.observation_mean(zero)
+        scale = self.observation_scale(zero)
+        op, scalar_scale = self._structured_operator()
+        usable = op is not None and (scalar_scale or isinstance(op, lg._PERMUTATION_LEFT))
+        if usable:
+            probe = jax.random.normal(jax.random.key(0), self.event_shape)
+            change = self.observation_mean(probe) - offset
+            applied = jnp.ravel(op(probe.reshape(op.in_shape)))
+            gain = jnp.vdot(change, applied) / jnp.vdot(applied, applied)
+            if not _is_traced(change) and not bool(
+                jnp.allclose(
+                    change, gain * applied, rtol=1e-4, atol=1e-4 * jnp.max(jnp.abs(change))
+                )
+            ):
+                raise ModelError(
+                    f"the mean of site {next(iter(self.observed))!r} is linear in x but is not a "
+                    f"multiple of {type(op).__name__}(x), the only operator the model applies to "
+                    "x: write the whole linear map as one diffprior.operators operator"
+                )
+            return lg.from_operator(
+                op,
+                scale[:1] if scalar_scale else scale,
+                self.observed_flat,
+                offset,
+                gain,
+                event_shape=self.event_shape,
+            )
+        num_obs = int(self.observed_flat.shape[0])
+        try:
+            matrix = lg.jacobian_matrix(self.observation_mean, self.event_shape, num_obs)
+        except ValueError as err:
+            raise ModelError(str(err)) from None
+        return lg.from_matrix(matrix, scale, self.observed_flat, offset, self.event_shape)
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
 
 
 def _check_prior_site(site: Mapping[str, Any]) -> DiffusionPrior:

@@ -1,10 +1,12 @@
 r"""Forward operators :math:`A` of inverse problems :math:`y = A(x) + \text{noise}`.
 
 An operator is an Equinox module (a plain pytree whose shapes are static fields) that maps an
-``x`` of the prior's event shape ``in_shape`` (a vector ``(d,)`` or an image ``(h, w)``) to a
-``y`` of shape ``out_shape``. It is a pure JAX function, so it can be used inside a NumPyro model
-as ``A(x)`` and goes through ``jax.jit``, ``jax.vmap`` and ``jax.grad``. Every method also accepts
-leading batch dimensions (``x`` of shape ``(..., *in_shape)``).
+``x`` of the prior's event shape ``in_shape`` (a vector ``(d,)``, an image ``(h, w)`` or a
+colour image ``(c, h, w)``) to a ``y`` of shape ``out_shape``. It is a pure JAX function, so it
+can be used inside a NumPyro model as ``A(x)`` and goes through ``jax.jit``, ``jax.vmap`` and
+``jax.grad``. Every method also accepts leading batch dimensions (``x`` of shape
+``(..., *in_shape)``). The image operators (:class:`Blur`, :class:`Downsample`) act on each
+channel of a ``(c, h, w)`` image alike.
 
 Linear operators (:class:`LinearOperator`) also carry their singular value decomposition,
 computed once at construction,
@@ -42,6 +44,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -65,6 +68,7 @@ __all__ = [
     "random_mask",
     "half_mask",
     "box_mask",
+    "record_calls",
 ]
 
 _EPS32 = float(np.finfo(np.float32).eps)
@@ -145,6 +149,32 @@ def _cut(singular_values, rtol: float):
     return xp.where(singular_values > rtol * xp.max(singular_values), singular_values, 0.0)
 
 
+#: The lists that :func:`record_calls` is filling (innermost last).
+_RECORDERS: list[list] = []
+
+
+@contextlib.contextmanager
+def record_calls():
+    """Within the block, every :class:`LinearOperator` applied (``A(x)``) is appended to the
+    yielded list, in call order. Tracing a model with it shows which operator maps ``x`` to the
+    observation, so its structured SVD can be used instead of a dense Jacobian
+    (:meth:`diffprior.model.ObservationModel.linear_gaussian`).
+
+    >>> from diffprior.operators import Inpaint, record_calls
+    >>> A = Inpaint(jnp.array([True, False, True]))
+    >>> with record_calls() as calls:
+    ...     _ = A(jnp.ones(3))
+    >>> len(calls), calls[0] is A
+    (1, True)
+    """
+    calls: list = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
+
+
 # --------------------------------------------------------------------------------------------
 # base class
 
@@ -211,6 +241,8 @@ class LinearOperator(eqx.Module):
 
     def __call__(self, x: ArrayLike) -> Array:
         """:math:`A x`, shaped ``(..., *out_shape)``."""
+        for calls in _RECORDERS:
+            calls.append(self)
         name = self._name()
         maps = (name, self.in_shape, self.out_shape)
         return _apply(self._forward, x, self.in_shape, f"{name}: x", maps)
@@ -584,6 +616,106 @@ class Inpaint(LinearOperator):
 
 
 # --------------------------------------------------------------------------------------------
+# image operators: one 2-D operator on every channel
+
+
+def _image_shape(in_shape, owner: str) -> tuple[int, ...]:
+    """``in_shape`` checked to be an image ``(h, w)`` or a colour image ``(c, h, w)``."""
+    in_shape = _shape_tuple(in_shape, "in_shape", owner)
+    if len(in_shape) not in (2, 3):
+        raise ValueError(
+            f"{owner}: in_shape must be an image shape (h, w) or (c, h, w), got {in_shape}"
+        )
+    return in_shape
+
+
+def _repeat_channels(values, num_channels: int):
+    """Each of the 2-D singular values repeated ``num_channels`` times in a row (NumPy in, NumPy
+    out; JAX when traced)."""
+    xp = jnp if _is_traced(values) else np
+    return xp.repeat(xp.asarray(values), num_channels)
+
+
+class _Channelwise(LinearOperator):
+    r"""A 2-D operator on ``(h, w)`` images, applied alike to each channel of a ``(c, h, w)``
+    image (``in_shape`` either; an ``(h, w)`` image is the case of one channel).
+
+    A subclass implements the six methods of :class:`LinearOperator` on one ``(h, w)`` channel,
+    named ``_plane_forward``, ``_plane_transpose``, ``_plane_right_coords``, ... ; this class
+    maps them over the channels with ``jax.vmap``, so every method costs ``c`` times the 2-D one.
+
+    The operator is block diagonal, one 2-D block per channel, so its SVD is the 2-D one per
+    channel. The stacked coordinates are laid out ``(n, c)``, channel fastest: right coordinate
+    ``i * c + j`` is 2-D right coordinate ``i`` of channel ``j`` (``n = h w``), and likewise on the
+    left (``n`` the output pixels of a channel). The singular values are the 2-D ones, each
+    repeated ``c`` times in a row: still descending and zero-padded, and with
+    ``k = min(in_hw, out_hw)`` the first ``c k`` left coordinates are exactly those paired with
+    them. With one channel these are the 2-D coordinates unchanged.
+    """
+
+    def _plane_forward(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def _plane_transpose(self, y: Array) -> Array:
+        raise NotImplementedError
+
+    def _plane_right_coords(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def _plane_from_right_coords(self, z: Array) -> Array:
+        raise NotImplementedError
+
+    def _plane_left_coords(self, y: Array) -> Array:
+        raise NotImplementedError
+
+    def _plane_from_left_coords(self, z: Array) -> Array:
+        raise NotImplementedError
+
+    @property
+    def num_channels(self) -> int:
+        """``c`` for an ``in_shape`` ``(c, h, w)``, 1 for ``(h, w)``."""
+        return self.in_shape[0] if len(self.in_shape) == 3 else 1
+
+    @property
+    def _plane_in_shape(self) -> tuple[int, int]:
+        return self.in_shape[-2:]
+
+    @property
+    def _plane_out_shape(self) -> tuple[int, int]:
+        return self.out_shape[-2:]
+
+    def _per_channel(self, fn, a, plane_shape):
+        """``fn`` on each channel of ``a`` (``c * prod(plane_shape)`` entries), stacked."""
+        return jax.vmap(fn)(a.reshape(self.num_channels, *plane_shape))
+
+    def _to_channels(self, z):
+        """Stacked coordinates ``(n c,)`` to per-channel ones ``(c, n)``."""
+        return z.reshape(-1, self.num_channels).T
+
+    def _forward(self, x):
+        out = self._per_channel(self._plane_forward, x, self._plane_in_shape)
+        return out.reshape(self.out_shape)
+
+    def _transpose(self, y):
+        out = self._per_channel(self._plane_transpose, y, self._plane_out_shape)
+        return out.reshape(self.in_shape)
+
+    def _right_coords(self, x):
+        return self._per_channel(self._plane_right_coords, x, self._plane_in_shape).T.reshape(-1)
+
+    def _from_right_coords(self, z):
+        out = jax.vmap(self._plane_from_right_coords)(self._to_channels(z))
+        return out.reshape(self.in_shape)
+
+    def _left_coords(self, y):
+        return self._per_channel(self._plane_left_coords, y, self._plane_out_shape).T.reshape(-1)
+
+    def _from_left_coords(self, z):
+        out = jax.vmap(self._plane_from_left_coords)(self._to_channels(z))
+        return out.reshape(self.out_shape)
+
+
+# --------------------------------------------------------------------------------------------
 # downsampling
 
 
@@ -598,9 +730,10 @@ def _helmert(n: int) -> np.ndarray:
     return basis
 
 
-class Downsample(LinearOperator):
+class Downsample(_Channelwise):
     r"""Average pooling of an ``(h, w)`` image over ``factor x factor`` blocks, giving
-    ``(h / factor, w / factor)``.
+    ``(h / factor, w / factor)``; of each channel of a ``(c, h, w)`` image alike, giving
+    ``(c, h / factor, w / factor)``.
 
     SVD: block :math:`b` is the row :math:`f^{-2} 1^T` acting on the block's :math:`f^2`
     pixels, which has one singular value :math:`\|f^{-2} 1\| = 1/f` with right vector
@@ -608,7 +741,9 @@ class Downsample(LinearOperator):
     :math:`f^2 - 1` zeros. The per-block right basis is a Helmert matrix (first column
     :math:`1/f`, built once). ``V_T(x)`` lists first the ``num_blocks`` all-ones coordinates (in
     row-major block order, paired with singular value ``1/f``), then for each block its
-    ``f^2 - 1`` remaining coordinates; :math:`U = I`.
+    ``f^2 - 1`` remaining coordinates; :math:`U = I`. With channels these are the coordinates
+    of each channel, interleaved channel fastest (see ``_Channelwise``): first the ``c *
+    num_blocks`` block means, then the rest.
 
     Examples
     --------
@@ -618,6 +753,8 @@ class Downsample(LinearOperator):
     [[2.5, 4.5]]
     >>> A.singular_values[:3].tolist()
     [0.5, 0.5, 0.0]
+    >>> Downsample(2, (3, 2, 4)).out_shape
+    (3, 1, 2)
     """
 
     factor: int = eqx.field(static=True)
@@ -630,54 +767,53 @@ class Downsample(LinearOperator):
         if isinstance(factor, bool) or not isinstance(factor, int | np.integer) or factor < 1:
             raise ValueError(f"Downsample: factor must be a positive int, got {factor!r}")
         factor = int(factor)
-        in_shape = _shape_tuple(in_shape, "in_shape", "Downsample")
-        if len(in_shape) != 2:
-            raise ValueError(f"Downsample: in_shape must be an image shape (h, w), got {in_shape}")
-        if in_shape[0] % factor or in_shape[1] % factor:
+        in_shape = _image_shape(in_shape, "Downsample")
+        h, w = in_shape[-2:]
+        if h % factor or w % factor:
             raise ValueError(
                 f"Downsample: factor must divide both sides of in_shape, got factor {factor} "
                 f"and in_shape {in_shape}"
             )
         self.factor = factor
         self.in_shape = in_shape
-        self.out_shape = (in_shape[0] // factor, in_shape[1] // factor)
+        self.out_shape = (*in_shape[:-2], h // factor, w // factor)
         self.basis = jnp.asarray(_helmert(factor * factor), jnp.float32)
-        num_blocks = self.out_shape[0] * self.out_shape[1]
+        num_blocks = (h // factor) * (w // factor)
         values = np.zeros(num_blocks * factor * factor, np.float32)
         values[:num_blocks] = 1.0 / factor
-        self.singular_values = jnp.asarray(values)
+        self.singular_values = jnp.asarray(_repeat_channels(values, self.num_channels))
 
     def _blocks(self, x):
-        (h, w), f = self.out_shape, self.factor
+        (h, w), f = self._plane_out_shape, self.factor
         return x.reshape(h, f, w, f).transpose(0, 2, 1, 3).reshape(h * w, f * f)
 
     def _unblocks(self, blocks):
-        (h, w), f = self.out_shape, self.factor
-        return blocks.reshape(h, w, f, f).transpose(0, 2, 1, 3).reshape(self.in_shape)
+        (h, w), f = self._plane_out_shape, self.factor
+        return blocks.reshape(h, w, f, f).transpose(0, 2, 1, 3).reshape(self._plane_in_shape)
 
-    def _forward(self, x):
-        return jnp.mean(self._blocks(x), axis=1).reshape(self.out_shape)
+    def _plane_forward(self, x):
+        return jnp.mean(self._blocks(x), axis=1).reshape(self._plane_out_shape)
 
-    def _transpose(self, y):
+    def _plane_transpose(self, y):
         blocks = jnp.broadcast_to(y.reshape(-1, 1), (y.size, self.factor**2))
         return self._unblocks(blocks / self.factor**2)
 
-    def _right_coords(self, x):
+    def _plane_right_coords(self, x):
         coords = self._blocks(x) @ self.basis
         return jnp.concatenate([coords[:, 0], coords[:, 1:].reshape(-1)])
 
-    def _from_right_coords(self, z):
-        num_blocks = self.out_dim
+    def _plane_from_right_coords(self, z):
+        num_blocks = math.prod(self._plane_out_shape)
         coords = jnp.concatenate(
             [z[:num_blocks, None], z[num_blocks:].reshape(num_blocks, -1)], axis=1
         )
         return self._unblocks(coords @ self.basis.T)
 
-    def _left_coords(self, y):
+    def _plane_left_coords(self, y):
         return y.reshape(-1)
 
-    def _from_left_coords(self, z):
-        return z.reshape(self.out_shape)
+    def _plane_from_left_coords(self, z):
+        return z.reshape(self._plane_out_shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -820,8 +956,9 @@ def _zero_boundary_matrix(kernel: np.ndarray, shape: tuple[int, ...]) -> np.ndar
     return matrix.reshape(h * w, h * w)
 
 
-class Blur(LinearOperator):
-    r"""2-D convolution of an ``(h, w)`` image with a small ``(kh, kw)`` kernel, same-size output.
+class Blur(_Channelwise):
+    r"""2-D convolution of an ``(h, w)`` image with a small ``(kh, kw)`` kernel, same-size output;
+    of each channel of a ``(c, h, w)`` image alike.
 
     :math:`y_{ij} = \sum_{a,b} k_{ab}\, x_{i + c_1 - a,\, j + c_2 - b}` with the kernel centre
     :math:`c = ((k_h - 1) // 2, (k_w - 1) // 2)` (the alignment of
@@ -837,7 +974,9 @@ class Blur(LinearOperator):
       ``O((hw)^3)`` time and ``O((hw)^2)`` memory, fine up to a few thousand pixels.
 
     In both cases singular values at or below ``rtol * max`` are set to zero
-    (``rtol = 10 * hw * eps`` by default) and they are sorted in descending order.
+    (``rtol = 10 * in_dim * eps`` by default) and they are sorted in descending order. With
+    channels the SVD is that of one channel, shared (see ``_Channelwise``): each singular value
+    repeated ``c`` times, coordinates interleaved channel fastest.
 
     Examples
     --------
@@ -847,6 +986,8 @@ class Blur(LinearOperator):
     9
     >>> float(A(jnp.ones((4, 4))).mean())
     1.0
+    >>> int(Blur(jnp.full((2, 2), 0.25), (3, 4, 4)).rank)
+    27
     """
 
     kernel: Array
@@ -868,18 +1009,17 @@ class Blur(LinearOperator):
         kernel = kernel if _is_traced(kernel) else np.asarray(kernel, np.float64)
         if kernel.ndim != 2:
             raise ValueError(f"Blur: kernel must be 2-D (kh, kw), got shape {tuple(kernel.shape)}")
-        in_shape = _shape_tuple(in_shape, "in_shape", "Blur")
-        if len(in_shape) != 2:
-            raise ValueError(f"Blur: in_shape must be an image shape (h, w), got {in_shape}")
-        if kernel.shape[0] > in_shape[0] or kernel.shape[1] > in_shape[1]:
+        in_shape = _image_shape(in_shape, "Blur")
+        h, w = in_shape[-2:]
+        if kernel.shape[0] > h or kernel.shape[1] > w:
             raise ValueError(
                 f"Blur: kernel must be no larger than the image, got kernel shape "
                 f"{tuple(kernel.shape)} and in_shape {in_shape}"
             )
         if boundary not in ("circular", "zero"):
             raise ValueError(f"Blur: boundary must be 'circular' or 'zero', got {boundary!r}")
-        h, w = in_shape
-        rtol = _default_rtol(h * w, h * w) if rtol is None else float(rtol)
+        in_dim = math.prod(in_shape)
+        rtol = _default_rtol(in_dim, in_dim) if rtol is None else float(rtol)
         self.kernel = jnp.asarray(kernel, jnp.float32)
         self.boundary = boundary
         self.in_shape = in_shape
@@ -888,31 +1028,33 @@ class Blur(LinearOperator):
         if boundary == "circular":
             # kernel entry (a, b) goes to ((a - c1) mod h, (b - c2) mod w): y = embedded (*) x
             if _is_traced(kernel):
-                xp, embedded = jnp, jnp.zeros(in_shape).at[:kh, :kw].set(kernel)
+                xp, embedded = jnp, jnp.zeros((h, w)).at[:kh, :kw].set(kernel)
             else:
-                xp, embedded = np, np.zeros(in_shape)
+                xp, embedded = np, np.zeros((h, w))
                 embedded[:kh, :kw] = kernel
             spectrum = xp.fft.fft2(xp.roll(embedded, (-c1, -c2), axis=(0, 1)))
             self.spectrum = jnp.asarray(spectrum, jnp.complex64)
             self.svd = _FourierSVD(spectrum)
-            self.singular_values = jnp.asarray(_cut(self.svd.sorted_values, rtol), jnp.float32)
+            values = _cut(self.svd.sorted_values, rtol)
         else:
             self.spectrum = None
             if _is_traced(kernel):
-                matrix = jax.jacfwd(self._forward)(jnp.zeros(in_shape, jnp.float32))
+                matrix = jax.jacfwd(self._plane_forward)(jnp.zeros((h, w), jnp.float32))
             else:
-                matrix = _zero_boundary_matrix(kernel, in_shape)
+                matrix = _zero_boundary_matrix(kernel, (h, w))
             self.svd = Linear(
-                matrix.reshape(h * w, h * w).astype(jnp.float32), in_shape, in_shape, rtol=rtol
+                matrix.reshape(h * w, h * w).astype(jnp.float32), (h, w), (h, w), rtol=rtol
             )
-            self.singular_values = self.svd.singular_values
+            values = self.svd.singular_values
+            values = values if _is_traced(values) else np.asarray(values)
+        self.singular_values = jnp.asarray(_repeat_channels(values, self.num_channels), jnp.float32)
 
-    def _forward(self, x):
+    def _plane_forward(self, x):
         if self.boundary == "circular":
             return jnp.fft.ifft2(self.spectrum * jnp.fft.fft2(x)).real
         return jax.scipy.signal.convolve2d(x, self.kernel, mode="same")
 
-    def _transpose(self, y):
+    def _plane_transpose(self, y):
         if self.boundary == "circular":
             return jnp.fft.ifft2(jnp.conj(self.spectrum) * jnp.fft.fft2(y)).real
         # adjoint of the zero-padded "same" convolution: pad y the other way round, correlate
@@ -920,21 +1062,21 @@ class Blur(LinearOperator):
         padded = jnp.pad(y, ((c1, kh - 1 - c1), (c2, kw - 1 - c2)))
         return jax.scipy.signal.convolve2d(padded, self.kernel[::-1, ::-1], mode="valid")
 
-    def _right_coords(self, x):
+    def _plane_right_coords(self, x):
         return self.svd._right_coords(x)
 
-    def _from_right_coords(self, z):
+    def _plane_from_right_coords(self, z):
         return self.svd._from_right_coords(z)
 
-    def _left_coords(self, y):
+    def _plane_left_coords(self, y):
         return self.svd._left_coords(y)
 
-    def _from_left_coords(self, z):
+    def _plane_from_left_coords(self, z):
         return self.svd._from_left_coords(z)
 
     def matrix(self) -> Array:
-        if isinstance(self.svd, Linear):
-            return self.svd.dense
+        if isinstance(self.svd, Linear):  # block diagonal, one block per channel
+            return jnp.kron(jnp.eye(self.num_channels, dtype=self.svd.dense.dtype), self.svd.dense)
         return super().matrix()
 
 
@@ -1004,19 +1146,25 @@ def random_mask(key: PRNGKey, shape: Sequence[int], fraction_observed: float) ->
     """A boolean mask of ``shape`` with exactly ``max(1, round(fraction_observed * n))`` True
     (observed) entries, ``n = prod(shape)``, at positions drawn uniformly without replacement.
 
+    A colour image shape ``(c, h, w)`` gets the same pixels on every channel: the ``(h, w)``
+    mask drawn with the same key (``n = h w``), repeated over the channels.
+
     Examples
     --------
     >>> import jax
     >>> int(random_mask(jax.random.key(0), (4, 5), 0.5).sum())
     10
+    >>> int(random_mask(jax.random.key(0), (3, 4, 5), 0.5).sum())
+    30
     """
     shape = _shape_tuple(shape, "shape", "random_mask")
     if not (0.0 < fraction_observed <= 1.0):
         raise ValueError(
             f"random_mask: fraction_observed must be in (0, 1], got {fraction_observed!r}"
         )
-    num_observed = max(1, round(fraction_observed * math.prod(shape)))
-    return _random_mask(key, shape, num_observed)
+    plane = shape[-2:] if len(shape) == 3 else shape
+    num_observed = max(1, round(fraction_observed * math.prod(plane)))
+    return jnp.broadcast_to(_random_mask(key, plane, num_observed), shape)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -1032,7 +1180,8 @@ def half_mask(
     ``"left"`` / ``"right"`` split the last axis (for a vector: its first / second half),
     ``"top"`` / ``"bottom"`` the second to last (``shape`` must have at least 2 axes). The
     observed half has ``n // 2`` lines along that axis of length ``n`` (the middle line of an
-    odd ``n`` is missing).
+    odd ``n`` is missing). A colour image shape ``(c, h, w)`` gets the same mask on every
+    channel.
 
     Examples
     --------
@@ -1061,17 +1210,20 @@ def half_mask(
 
 def box_mask(shape: Sequence[int], top: int, left: int, height: int, width: int) -> Array:
     """A boolean mask of an ``(h, w)`` image where the box ``[top, top + height) x [left, left +
-    width)`` is **missing** (False) and the rest observed (True).
+    width)`` is **missing** (False) and the rest observed (True); of a ``(c, h, w)`` colour
+    image, the same box missing on every channel.
 
     Examples
     --------
     >>> int(box_mask((4, 4), 1, 1, 2, 2).sum())
     12
+    >>> int(box_mask((3, 4, 4), 1, 1, 2, 2).sum())
+    36
     """
     shape = _shape_tuple(shape, "shape", "box_mask")
-    if len(shape) != 2:
-        raise ValueError(f"box_mask: shape must be an image shape (h, w), got {shape}")
-    h, w = shape
+    if len(shape) not in (2, 3):
+        raise ValueError(f"box_mask: shape must be an image shape (h, w) or (c, h, w), got {shape}")
+    h, w = shape[-2:]
     for name, value in (("top", top), ("left", left), ("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
             raise ValueError(f"box_mask: {name} must be an int, got {value!r}")
@@ -1089,5 +1241,5 @@ def box_mask(shape: Sequence[int], top: int, left: int, height: int, width: int)
             f"box_mask: the box must leave some pixel observed, got a box covering all of {shape}"
         )
     mask = np.ones(shape, bool)
-    mask[top : top + height, left : left + width] = False
+    mask[..., top : top + height, left : left + width] = False
     return jnp.asarray(mask)

@@ -39,3 +39,28 @@ def grid_mixture_params(dim: int):
     weights = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
     scales = np.array([0.5, 0.7, 0.6, 0.8], np.float32)
     return means, weights, scales
+
+
+def run_whole_and_split(algorithm, particles, rng_key, num_steps: int, num_blocks: int = 2):
+    """Final states of an SMC kernel run ``num_steps`` steps on all ``particles``, and on
+    ``num_blocks`` blocks of them mapped with the axis name ``"particles"`` (``jax.vmap``, as
+    ``shard_map`` maps them over devices), every block given the same keys. The split state's
+    per-particle fields are joined back to ``(N, ...)``."""
+    import jax
+
+    def run(x, axis_name=None):
+        def step(state, key):
+            return algorithm.step(key, state, axis_name=axis_name)[0], None
+
+        state = algorithm.init(x, axis_name=axis_name)
+        return jax.lax.scan(step, state, jax.random.split(rng_key, num_steps))[0]
+
+    whole = jax.jit(run)(particles)
+    blocks = particles.reshape((num_blocks, -1) + particles.shape[1:])
+    split = jax.jit(jax.vmap(lambda x: run(x, "particles"), axis_name="particles"))(blocks)
+
+    def join(leaf):
+        # per-particle fields come back (blocks, N / blocks, ...); per-chain ones (blocks,)
+        return leaf.reshape((-1,) + leaf.shape[2:]) if leaf.ndim > 1 else leaf[0]
+
+    return whole, jax.tree.map(join, split)

@@ -58,6 +58,13 @@ OPERATORS = {
     "linear_tall_T": lambda: Linear(_normal(1, (6, 4))).T,
     "inpaint_image_T": lambda: Inpaint(random_mask(jax.random.key(0), (4, 5), 0.6)).T,
     "downsample_T": lambda: Downsample(3, (3, 6)).T,
+    # colour images (c, h, w): the 2-D operator on each channel
+    "inpaint_colour": lambda: Inpaint(random_mask(jax.random.key(0), (2, 4, 5), 0.6)),
+    "downsample_colour": lambda: Downsample(2, (2, 6, 8)),
+    "blur_circular_colour": lambda: Blur(SHIFTED_KERNEL, (2, 6, 8)),
+    "blur_circular_box_colour": lambda: Blur(np.full((2, 2), 0.25), (3, 4, 4)),  # rank 27 of 48
+    "blur_zero_colour": lambda: Blur(ASYM_KERNEL, (2, 5, 4), boundary="zero"),
+    "downsample_colour_T": lambda: Downsample(2, (3, 4, 6)).T,
 }
 NUM_BATCH = 3
 
@@ -352,8 +359,12 @@ def test_downsample_validation():
         Downsample(3, (4, 6))
     with pytest.raises(ValueError, match="factor must be a positive int, got 1.5"):
         Downsample(1.5, (4, 4))
-    with pytest.raises(ValueError, match=r"image shape \(h, w\), got \(16,\)"):
+    with pytest.raises(ValueError, match=r"image shape \(h, w\) or \(c, h, w\), got \(16,\)"):
         Downsample(2, (16,))
+    with pytest.raises(ValueError, match=r"\(c, h, w\), got \(1, 2, 4, 4\)"):
+        Downsample(2, (1, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"factor must divide.*\(3, 4, 6\)"):
+        Downsample(4, (3, 4, 6))
 
 
 # ---- Blur ------------------------------------------------------------------------------------
@@ -410,8 +421,122 @@ def test_blur_validation():
         Blur(np.ones((5, 5)), (4, 4))
     with pytest.raises(ValueError, match="boundary must be 'circular' or 'zero', got 'reflect'"):
         Blur(np.ones((3, 3)), (4, 4), boundary="reflect")
-    with pytest.raises(ValueError, match=r"image shape \(h, w\)"):
+    with pytest.raises(ValueError, match=r"image shape \(h, w\) or \(c, h, w\), got \(16,\)"):
         Blur(np.ones((3, 3)), (16,))
+    with pytest.raises(ValueError, match=r"no larger than the image.*\(3, 2, 5\)"):
+        Blur(np.ones((3, 3)), (3, 2, 5))
+
+
+# ---- colour images ---------------------------------------------------------------------------
+
+#: (colour operator, the 2-D operator it applies to each channel)
+CHANNEL_OPERATORS = {
+    "downsample": lambda c: (Downsample(2, (c, 6, 8)), Downsample(2, (6, 8))),
+    "blur_circular": lambda c: (Blur(SHIFTED_KERNEL, (c, 6, 8)), Blur(SHIFTED_KERNEL, (6, 8))),
+    "blur_zero": lambda c: (
+        Blur(ASYM_KERNEL, (c, 5, 4), boundary="zero"),
+        Blur(ASYM_KERNEL, (5, 4), boundary="zero"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CHANNEL_OPERATORS))
+def test_colour_operator_is_the_2d_operator_on_each_channel(name):
+    """On (c, h, w) the operator, its adjoint and its SVD coordinates are those of the 2-D one
+    on each channel, coordinates interleaved channel fastest; singular values repeated c times."""
+    c = 2
+    A, plane = CHANNEL_OPERATORS[name](c)
+    x = _normal(40, A.in_shape).astype(np.float32)
+    y = _normal(41, A.out_shape).astype(np.float32)
+
+    @_jit
+    def compute(A, plane, x, y):
+        per_channel = jax.vmap(lambda x, y: (plane(x), plane.transpose(y), plane.V_T(x)))
+        return (A(x), A.transpose(y), A.V_T(x), A.U_T(y)), per_channel(x, y), plane.U_T(y)
+
+    (Ax, ATy, coords, left), (Ax_2d, ATy_2d, coords_2d), left_2d = compute(A, plane, x, y)
+    assert A.out_shape == (c, *plane.out_shape) and A.num_channels == c
+    _close(Ax, Ax_2d)
+    _close(ATy, ATy_2d)
+    _close(np.asarray(coords).reshape(plane.in_dim, c), np.asarray(coords_2d).T)
+    np.testing.assert_array_equal(
+        A.singular_values, np.repeat(np.asarray(plane.singular_values), c)
+    )
+    # the left coordinates of every channel, against the 2-D ones (paired block first)
+    paired = min(plane.in_dim, plane.out_dim)
+    left_2d = np.asarray(left_2d)  # (c, in_hw), one row per channel
+    _close(np.asarray(left)[: c * paired].reshape(paired, c), left_2d[:, :paired].T)
+    _close(A.matrix(), np.kron(np.eye(c), np.asarray(plane.matrix())))
+
+
+@pytest.mark.parametrize("name", list(CHANNEL_OPERATORS))
+def test_colour_operator_svd_against_dense_linear_algebra(name):
+    """The dense V (from V on the unit vectors) is orthogonal, U diag(s) V^T is the matrix, and
+    the singular values are numpy's."""
+    A, _ = CHANNEL_OPERATORS[name](3)
+    eye = np.eye(A.in_dim, dtype=np.float32)
+    right, left = _jit(lambda A, eye: (A.V(eye), A.U(eye)))(A, eye)
+    right = np.asarray(right, np.float64).reshape(A.in_dim, A.in_dim).T  # column i: v_i
+    left = np.asarray(left, np.float64).reshape(A.in_dim, A.out_dim).T  # column i: u_i (or 0)
+    s = np.asarray(A.singular_values, np.float64)
+    matrix = np.asarray(A.matrix(), np.float64)
+    _close(right.T @ right, np.eye(A.in_dim))
+    _close(left @ np.diag(s) @ right.T, matrix)
+    dense = np.linalg.svd(matrix, compute_uv=False)
+    _close(np.sort(s)[::-1][: dense.size], dense)
+
+
+def _sharpened_gaussian() -> np.ndarray:
+    """Half identity, half Gaussian blur: every DFT modulus is at least about 1/2, so no
+    singular value falls under the default cut and the SVD reproduces A exactly."""
+    kernel = 0.5 * np.asarray(gaussian_kernel(5, 1.5), np.float64)
+    kernel[2, 2] += 0.5
+    return kernel
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda shape: Blur(_sharpened_gaussian(), shape),
+        lambda shape: Downsample(4, shape),
+    ],
+    ids=["blur_circular", "downsample"],
+)
+def test_colour_svd_at_full_image_size(make):
+    """At d = 3 x 128 x 128 (nothing dense): V inverts V_T and A(x) == U(s * V_T(x))."""
+    A = make((3, 128, 128))
+    assert A.singular_values.shape == (A.in_dim,)
+    x = _normal(42, (2, *A.in_shape)).astype(np.float32)
+
+    @_jit
+    def compute(A, x):
+        coords = A.V_T(x)
+        return A(x), A.V(coords), A.U(A.singular_values * coords), A.U_T(A(x)), coords
+
+    Ax, round_trip, reconstructed, left, coords = compute(A, x)
+    _close(round_trip, x)
+    _close(reconstructed, Ax)
+    _close(left, np.asarray(A.singular_values) * np.asarray(coords))
+
+
+def test_inpaint_and_masks_on_colour_images():
+    """Mask helpers give the same spatial mask on every channel, and Inpaint selects it."""
+    key = jax.random.key(7)
+    shape = (3, 4, 6)
+    masks = {
+        "random": (random_mask(key, shape, 0.5), random_mask(key, shape[1:], 0.5)),
+        "half": (half_mask(shape, "top"), half_mask(shape[1:], "top")),
+        "box": (box_mask(shape, 1, 2, 2, 3), box_mask(shape[1:], 1, 2, 2, 3)),
+    }
+    for name, (mask, plane) in masks.items():
+        assert mask.shape == shape, name
+        np.testing.assert_array_equal(mask, np.broadcast_to(plane, shape), err_msg=name)
+    mask = np.asarray(masks["random"][0])
+    assert mask.sum() == 3 * 12
+    A = Inpaint(mask)
+    x = _normal(43, shape).astype(np.float32)
+    np.testing.assert_array_equal(_jit(lambda A, x: A(x))(A, x), x[mask])
+    assert A.in_shape == shape and A.out_shape == (36,)
 
 
 def test_gaussian_kernel():
@@ -492,7 +617,7 @@ def test_box_mask_validation():
         box_mask((4, 4), top=0, left=0, height=0, width=1)
     with pytest.raises(ValueError, match="leave some pixel observed"):
         box_mask((4, 4), top=0, left=0, height=4, width=4)
-    with pytest.raises(ValueError, match=r"image shape \(h, w\), got \(4,\)"):
+    with pytest.raises(ValueError, match=r"image shape \(h, w\) or \(c, h, w\), got \(4,\)"):
         box_mask((4,), top=0, left=0, height=1, width=1)
 
 

@@ -8,19 +8,20 @@ BlackJAX-style ``SamplingAlgorithm``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from blackjax.base import SamplingAlgorithm
 
+from diffprior import linear_gaussian as lg
 from diffprior.diffusion.grids import SPACINGS
-from diffprior.diffusion.transitions import tweedie_variance
 from diffprior.infer.twists import likelihood_twist, observation_gains
 from diffprior.kernels import diffpir, dps, fk, mcgdiff, pigdm, resample, smc, tds, unguided
+from diffprior.linear_gaussian import WhitenedSVD
 from diffprior.model import ModelError, ObservationModel
+from diffprior.operators import Inpaint
 from diffprior.priors import DiffusionPrior
 from diffprior.types import Array
 
@@ -35,11 +36,18 @@ __all__ = [
     "MCGdiff",
     "ReSample",
     "VARIANCE_INFLATIONS",
+    "TDS_PROPOSALS",
+    "FK_PROPOSALS",
     "observation_gains",
 ]
 
 #: Twist variance inflations, see :meth:`TDS.twist_fn`.
 VARIANCE_INFLATIONS = (None, "pigdm", "jacobian")
+#: :class:`TDS`'s proposals; ``"auto"`` is ``"subspace"`` where it applies, else ``"guided"``.
+TDS_PROPOSALS = ("auto", "guided", "subspace")
+#: :class:`FK`'s proposals: the kernel's (:data:`diffprior.kernels.fk.PROPOSALS`) and TDS's
+#: ``"subspace"``.
+FK_PROPOSALS = (*fk.PROPOSALS, "subspace")
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
@@ -69,7 +77,29 @@ def _check_eta(eta: Any) -> float:
 
 
 class Method:
-    """Base of the methods. Subclasses set ``is_smc`` and implement :meth:`build`."""
+    """Base of the methods: binds a NumPyro model and options to a kernel for
+    :class:`diffprior.Sampler`. Subclasses implement :meth:`build` and may override the other
+    hooks.
+
+    The hooks, in the order the Sampler uses them:
+
+    - ``__init__(model, *, options..., spacing="uniform")``: a subclass checks its options here,
+      before any heavy work, and passes them on as keywords of ``super().__init__``; they are
+      then :attr:`options` (recorded in ``to_arviz()`` attributes and the ``repr``). ``spacing``
+      names the timestep grid (``"uniform"``, ``"quadratic"`` or ``"edm"``).
+    - :meth:`check`: the model read with concrete values, before anything is compiled.
+    - :meth:`build`: the kernel, inside the compiled run.
+    - ``is_smc`` (class attribute, default ``False``): ``True`` when the kernel weights its
+      particles. The Sampler then requires the SMC fields of the kernel protocol
+      (:mod:`diffprior.kernels.base`: ``log_weights`` and ``log_evidence`` in the state,
+      :data:`~diffprior.kernels.base.SMC_INFO_FIELDS` in Info), resamples the last particles to
+      equal weights with :meth:`resampling_fn` and reports ``sampler.log_evidence``. With
+      ``False`` the last particles are equally weighted draws and there is no evidence.
+    - ``requires_observation`` (class attribute, default ``True``): whether the model must have
+      an observed site.
+
+    :doc:`/write_your_own_kernel` writes two methods, one of each kind.
+    """
 
     is_smc: ClassVar[bool] = False
     #: Whether the model must have an observed site to condition on (every method but
@@ -87,23 +117,51 @@ class Method:
 
     @property
     def name(self) -> str:
+        """The class name, used in progress bars, warnings and ``to_arviz()`` attributes."""
         return type(self).__name__
 
     @property
     def options(self) -> dict[str, Any]:
-        """The method's options (for records such as ``to_arviz`` attributes)."""
+        """A copy of the method's options, ``spacing`` included, as given to ``__init__``:
+        what :meth:`build` reads, and what records such as ``to_arviz`` attributes show."""
         return dict(self._options)
 
     def build(
         self, prior: DiffusionPrior, obs: ObservationModel, timesteps: Array
     ) -> SamplingAlgorithm:
+        """The kernel: a ``blackjax.base.SamplingAlgorithm(init, step)`` that keeps the kernel
+        protocol of :mod:`diffprior.kernels.base` (the SMC part too when ``is_smc``).
+
+        Called once per compilation, while the Sampler's run is traced: the arrays of
+        ``prior`` and ``obs`` may be tracers, so nothing here may convert them to Python or
+        NumPy values (checks on concrete values belong in :meth:`check`).
+
+        Parameters
+        ----------
+        prior
+            The model's :class:`~diffprior.DiffusionPrior`; ``prior.denoiser`` is its
+            :class:`~diffprior.Denoiser`.
+        obs
+            The model's likelihood as a function of one particle
+            (:meth:`~diffprior.model.ObservationModel.in_latent_space`: of the latent of a
+            :class:`~diffprior.LatentDiffusionPrior`), e.g. ``obs.log_likelihood(x)``.
+        timesteps
+            ``(num_steps + 1,)`` decreasing times from the schedule's ``t_max`` to exactly 0,
+            spaced as :attr:`options` ``["spacing"]`` says; ``step`` is called ``num_steps``
+            times.
+        """
         raise NotImplementedError
 
     def check(self, obs: ObservationModel) -> None:
-        """Checks on the concrete model before anything is compiled (raise ModelError)."""
+        """Checks on the concrete model (``obs``, as :meth:`build` gets it) before anything is
+        compiled: raise :class:`~diffprior.model.ModelError` for a model the method cannot
+        sample. It may also record what :meth:`build` needs to know about the model (PiGDM and
+        DiffPIR record whether it is linear Gaussian). The default accepts every model."""
 
     def resampling_fn(self) -> Callable:
-        """Scheme used for the final equal-weight resampling."""
+        """The scheme of the final equal-weight resampling of an SMC method's particles, a
+        :mod:`blackjax.smc.resampling` function (default systematic; methods with a
+        ``resampling`` option return :func:`diffprior.kernels.smc.resampling_fn` of it)."""
         return smc.resampling_fn("systematic")
 
     def __repr__(self) -> str:
@@ -213,6 +271,20 @@ class TDS(Method):
         :func:`diffprior.infer.twists.likelihood_twist`).
     eta
         DDIM stochasticity of the transition; must be > 0 for guided proposals to matter.
+    proposal
+        ``"auto"`` (default), ``"guided"`` or ``"subspace"``. ``"guided"`` is the paper's:
+        the reverse step shifted along the twist's gradient (one network value-and-gradient
+        per particle). ``"subspace"``, for a linear model with Gaussian noise, proposes the
+        observed directions (the right singular basis of the whitened operator) from the
+        twisted transition's own Gaussian, a Kalman update in closed form, and weights by the
+        twist in the same basis: the kernel of :class:`MCGdiff` (no network gradient). For a
+        Gaussian prior its weights are exactly uniform; for a mixture or a network the
+        weights keep it exact as the particles grow, at any number of observations and down
+        to near-noiseless data. ``scale``, ``variance_inflation`` other than ``"jacobian"``
+        (the subspace twist is its exact form) and ``eta=0`` have no meaning there and are
+        refused. ``"auto"`` takes ``"subspace"`` when the model is linear Gaussian on the
+        diffused variable and none of those guided-only options is set, else ``"guided"``
+        (decided when the sampler first reads the model).
     """
 
     is_smc = True
@@ -226,10 +298,13 @@ class TDS(Method):
         resampling: str = "systematic",
         variance_inflation: str | None = "jacobian",
         eta: float = 1.0,
+        proposal: str = "auto",
         spacing: str = "uniform",
     ):
         smc.resampling_fn(resampling)
         _check_variance_inflation(variance_inflation)
+        if proposal not in TDS_PROPOSALS:
+            raise ValueError(f"proposal must be one of {TDS_PROPOSALS}, got {proposal!r}")
         super().__init__(
             model,
             spacing=spacing,
@@ -238,7 +313,10 @@ class TDS(Method):
             resampling=resampling,
             variance_inflation=variance_inflation,
             eta=_check_eta(eta),
+            proposal=proposal,
         )
+        self._subspace_ok = _check_subspace_options(self.name, proposal, self._options)
+        self._subspace = proposal == "subspace"
 
     def resampling_fn(self) -> Callable:
         return smc.resampling_fn(self._options["resampling"])
@@ -246,8 +324,13 @@ class TDS(Method):
     def twist_fn(self, prior: DiffusionPrior, obs: ObservationModel):
         return likelihood_twist(prior, obs, self._options["variance_inflation"])
 
+    def check(self, obs: ObservationModel) -> None:
+        self._subspace = _use_subspace(self.name, self._options["proposal"], obs, self._subspace_ok)
+
     def build(self, prior, obs, timesteps):
         opts = self._options
+        if self._subspace:
+            return _subspace_kernel(prior, obs, timesteps, opts)
         return tds.as_top_level_api(
             prior.denoiser,
             obs.log_likelihood,
@@ -268,7 +351,8 @@ class FK(Method):
     potential
         ``"difference"``, ``"max"`` or ``"sum"``.
     proposal
-        ``"guided"`` (TDS's proposal) or ``"prior"``.
+        ``"guided"`` (TDS's guided proposal), ``"prior"``, or ``"subspace"`` (TDS's subspace
+        proposal, linear Gaussian models only; see below).
     lam
         :math:`\lambda`: the target is :math:`p(x) \exp(\lambda r(x))`; 1 with the default
         reward is the posterior.
@@ -280,7 +364,13 @@ class FK(Method):
         ``resample_every``.
     scale, eta, variance_inflation
         As for :class:`TDS`. ``FK(model, potential="difference", proposal="guided")`` is
-        exactly ``TDS(model)``.
+        exactly ``TDS(model, proposal="guided")``.
+
+    ``proposal="subspace"`` is :class:`TDS`'s subspace proposal (linear Gaussian models
+    only; the same kernel, so the same samples for the same key): the posterior with the
+    model's own likelihood, so it needs the ``"difference"`` potential, ``lam=1``, no
+    ``reward``, ``resample_every=1``, ``scale=1``, ``variance_inflation="jacobian"`` and
+    ``eta > 0``, and refuses anything else.
     """
 
     is_smc = True
@@ -303,8 +393,8 @@ class FK(Method):
     ):
         if potential not in fk.POTENTIALS:
             raise ValueError(f"potential must be one of {fk.POTENTIALS}, got {potential!r}")
-        if proposal not in fk.PROPOSALS:
-            raise ValueError(f"proposal must be one of {fk.PROPOSALS}, got {proposal!r}")
+        if proposal not in FK_PROPOSALS:
+            raise ValueError(f"proposal must be one of {FK_PROPOSALS}, got {proposal!r}")
         if reward is not None and not callable(reward):
             raise TypeError(f"reward must be a function reward(x0) -> scalar, got {reward!r}")
         if isinstance(resample_every, bool) or not isinstance(resample_every, int):
@@ -327,12 +417,19 @@ class FK(Method):
             variance_inflation=variance_inflation,
             eta=_check_eta(eta),
         )
+        _check_subspace_options(self.name, proposal, self._options)
 
     def resampling_fn(self) -> Callable:
         return smc.resampling_fn(self._options["resampling"])
 
+    def check(self, obs: ObservationModel) -> None:
+        if self._options["proposal"] == "subspace":
+            _require_subspace_model(self.name, obs, "Use proposal='guided' for other models.")
+
     def build(self, prior, obs, timesteps):
         opts = self._options
+        if opts["proposal"] == "subspace":
+            return _subspace_kernel(prior, obs, timesteps, opts)
         if opts["reward"] is None:
             reward_fn = likelihood_twist(prior, obs, opts["variance_inflation"])
         else:
@@ -357,52 +454,99 @@ class FK(Method):
 
 
 # -- linear-Gaussian structure ---------------------------------------------------------------
-class WhitenedSVD(NamedTuple):
-    r"""A linear Gaussian observation :math:`y = A x + b + \mathrm{diag}(\sigma) \varepsilon`
-    whitened (:math:`\tilde A = \mathrm{diag}(1/\sigma) A`, :math:`\tilde y = (y - b) /
-    \sigma`) and decomposed, :math:`\tilde A = U \mathrm{diag}(s) V^T`.
-
-    u ``(dy, dy)``, singular ``(d,)`` (zeros past the rank, so it lines up with ``v``),
-    v ``(d, d)``, y_white ``(dy,)``.
-    """
-
-    u: Array
-    singular: Array
-    v: Array
-    y_white: Array
-
-
-def is_linear_gaussian(obs: ObservationModel, rtol: float = 1e-4) -> bool:
-    """Whether every observed site is Normal with a scale that does not depend on ``x`` and
-    its mean is affine in ``x`` (checked at random points; concrete values only)."""
-    if not obs.observed or set(obs.noise_families().values()) != {"Normal"}:
-        return False
-    keys = jax.random.split(jax.random.key(0), 2)
-    a, b = (jax.random.normal(k, obs.event_shape) for k in keys)
-    zero = jnp.zeros(obs.event_shape)
-    mean = obs.observation_mean
-    residual = mean(a + b) - mean(a) - mean(b) + mean(zero)
-    size = jnp.abs(mean(a)) + jnp.abs(mean(b)) + 1.0
-    scales_fixed = jnp.allclose(obs.observation_scale(a), obs.observation_scale(zero))
-    return bool(jnp.all(jnp.abs(residual) <= rtol * size)) and bool(scales_fixed)
-
-
-def whitened_svd(obs: ObservationModel) -> WhitenedSVD:
-    """The :class:`WhitenedSVD` of a linear Gaussian model (from the Jacobian of its mean)."""
-    zero = jnp.zeros(obs.event_shape)
-    offset = obs.observation_mean(zero)
-    matrix = jax.jacfwd(obs.observation_mean)(zero).reshape((offset.shape[0], -1))
-    sigma = obs.observation_scale(zero)
-    u, s, vt = jnp.linalg.svd(matrix / sigma[:, None], full_matrices=True)
-    dim = matrix.shape[1]
-    singular = jnp.zeros(dim).at[: s.shape[0]].set(s[:dim])
-    return WhitenedSVD(u, singular, vt.T, (obs.observed_flat - offset) / sigma)
-
-
 def _unit_data_variance(prior: DiffusionPrior) -> Array:
     r"""The prior's data variance averaged over coordinates (the one number every Tweedie
     variance :math:`\mathrm{Var}[x_0 \mid x_t]` of the methods uses)."""
     return jnp.mean(prior.variance)
+
+
+def _require_linear_gaussian(method: str, obs: ObservationModel, others: str) -> None:
+    """A ModelError naming the sites when ``obs`` is not linear with Normal noise."""
+    if not obs.is_linear_gaussian():
+        detail = ", ".join(f"{site}: {family}" for site, family in obs.noise_families().items())
+        raise ModelError(
+            f"{method} needs a linear forward operator with Normal noise of fixed scale; "
+            f"the model's observed sites are ({detail}) or A(x) is not linear. {others}"
+        )
+
+
+#: The options that only the guided proposal reads, with the value that leaves the subspace
+#: proposal unchanged (its twist is the exact form of ``"jacobian"``).
+_SUBSPACE_NEUTRAL = {
+    "potential": "difference",
+    "lam": 1.0,
+    "reward": None,
+    "resample_every": 1,
+    "scale": 1.0,
+    "variance_inflation": "jacobian",
+}
+
+
+def _check_subspace_options(method: str, proposal: str, options: dict[str, Any]) -> bool:
+    """Whether the subspace proposal can honour ``options``; a ValueError naming the others
+    when ``proposal`` is ``"subspace"`` and it cannot."""
+    conflicts = [
+        f"{name}={options[name]!r}"
+        for name, neutral in _SUBSPACE_NEUTRAL.items()
+        if name in options and options[name] is not neutral and options[name] != neutral
+    ]
+    if options["eta"] == 0:
+        conflicts.append("eta=0 (its proposal needs stochastic reverse steps)")
+    if proposal == "subspace" and conflicts:
+        raise ValueError(
+            f"{method}(proposal='subspace') proposes and weights in the observed subspace "
+            f"with the model's own likelihood; {', '.join(conflicts)} only apply to the "
+            "guided proposal: leave them at their defaults or use proposal='guided'"
+        )
+    return not conflicts
+
+
+def _require_subspace_model(method: str, obs: ObservationModel, others: str) -> None:
+    """A ModelError unless the MCGdiff kernel can take ``obs``: linear Gaussian on the
+    diffused variable, with a whitened SVD within the size limits."""
+    if obs.decode is not None:
+        raise ModelError(
+            f"{method} needs a linear forward operator on the diffused variable; with a "
+            "LatentDiffusionPrior the likelihood goes through the decoder, which is not "
+            f"linear. {others}"
+        )
+    _require_linear_gaussian(method, obs, others)
+    obs.linear_gaussian()  # its size and structure checks, before compiling
+
+
+def _use_subspace(method: str, proposal: str, obs: ObservationModel, compatible: bool) -> bool:
+    """Whether ``proposal`` means the subspace proposal for ``obs``: always for
+    ``"subspace"`` (after the model checks), for ``"auto"`` when the options allow it and the
+    model is linear Gaussian on the diffused variable with a whitened SVD of allowed size."""
+    if proposal == "subspace":
+        _require_subspace_model(method, obs, "Use proposal='guided' for other models.")
+        return True
+    if proposal != "auto" or not compatible:
+        return False
+    try:
+        _require_subspace_model(method, obs, "")
+    except ModelError:
+        return False
+    return True
+
+
+def _subspace_kernel(prior, obs, timesteps, options, **mcgdiff_options) -> SamplingAlgorithm:
+    """The MCGdiff kernel of the model (its defaults: the tweedie potential and the twist
+    unless ``mcgdiff_options`` say otherwise), with ``eta``, ``ess_threshold`` and
+    ``resampling`` from ``options``: :class:`MCGdiff`, and TDS's and FK's subspace proposal."""
+    svd = obs.linear_gaussian()
+    data_mean, data_variance = _moments_along(prior, svd)
+    return mcgdiff.from_linear_gaussian(
+        prior.denoiser,
+        timesteps,
+        svd,
+        data_mean=data_mean,
+        data_variance=data_variance,
+        eta=options["eta"],
+        ess_threshold=options["ess_threshold"],
+        resampling=options["resampling"],
+        **mcgdiff_options,
+    )
 
 
 class PiGDM(Method):
@@ -435,37 +579,22 @@ class PiGDM(Method):
         self._linear_gaussian = None
 
     def check(self, obs: ObservationModel) -> None:
-        self._linear_gaussian = is_linear_gaussian(obs)
+        self._linear_gaussian = obs.is_linear_gaussian()
+        if self._linear_gaussian:
+            obs.linear_gaussian()  # its size and structure checks, before compiling
 
     def build(self, prior, obs, timesteps):
-        schedule = prior.schedule
-        data_variance = _unit_data_variance(prior)
+        options = {"scale": self._options["scale"], "eta": self._options["eta"]}
         if self._linear_gaussian:
-            svd = whitened_svd(obs)
-            coords_y = svd.u.T @ svd.y_white  # (dy,)
-            num = coords_y.shape[0]
-            rank_s = jnp.zeros(num).at[: min(num, svd.singular.shape[0])].set(svd.singular[:num])
-
-            x_dim = svd.v.shape[0]
-
-            def guidance_fn(x0_hat, t):
-                r2 = jnp.where(t > 0, tweedie_variance(schedule, t, data_variance), 0.0)
-                coords_x = svd.v.T @ x0_hat.reshape(-1)  # (d,)
-                k = min(num, x_dim)
-                predicted = jnp.zeros(num).at[:k].set(svd.singular[:k] * coords_x[:k])
-                variance = r2 * rank_s**2 + 1.0
-                residual = coords_y - predicted
-                return -0.5 * jnp.sum(residual**2 / variance + jnp.log(2 * jnp.pi * variance))
-
-        else:
-            guidance_fn = likelihood_twist(prior, obs, "jacobian")
-        return pigdm.as_top_level_api(
-            prior.denoiser,
-            guidance_fn,
-            timesteps,
-            scale=self._options["scale"],
-            eta=self._options["eta"],
-        )
+            return pigdm.from_linear_gaussian(
+                prior.denoiser,
+                obs.linear_gaussian(),
+                timesteps,
+                data_variance=_unit_data_variance(prior),
+                **options,
+            )
+        guidance_fn = likelihood_twist(prior, obs, "jacobian")
+        return pigdm.as_top_level_api(prior.denoiser, guidance_fn, timesteps, **options)
 
 
 class DiffPIR(Method):
@@ -514,43 +643,19 @@ class DiffPIR(Method):
         self._linear_gaussian = None
 
     def check(self, obs: ObservationModel) -> None:
-        self._linear_gaussian = is_linear_gaussian(obs)
+        self._linear_gaussian = obs.is_linear_gaussian()
+        if self._linear_gaussian:
+            obs.linear_gaussian()  # its size and structure checks, before compiling
 
     def build(self, prior, obs, timesteps):
+        options = {"lam": self._options["lam"], "zeta": self._options["zeta"]}
         if self._linear_gaussian:
-            svd = whitened_svd(obs)
-            num, dim = svd.y_white.shape[0], svd.v.shape[0]
-            k = min(num, dim)
-            s = svd.singular
-            # s_i (U^T y~)_i on the first k coordinates of the right basis, zero elsewhere
-            data_term = jnp.zeros(dim).at[:k].set(s[:k] * (svd.u.T @ svd.y_white)[:k])
-
-            def proximal_fn(x0_hat, rho):
-                coords = svd.v.T @ x0_hat.reshape(-1)
-                solved = (data_term + rho * coords) / (s**2 + rho)
-                return (svd.v @ solved).reshape(x0_hat.shape)
-
-        else:
-            log_likelihood = obs.log_likelihood
-            curvature = _curvature_bound(obs)
-            num_steps = self._options["num_grad_steps"]
-
-            def proximal_fn(x0_hat, rho):
-                grad_fn = jax.grad(log_likelihood)
-                step = 1.0 / (rho + curvature)
-
-                def body(_, x):
-                    return x + step * (grad_fn(x) - rho * (x - x0_hat))
-
-                return jax.lax.fori_loop(0, num_steps, body, x0_hat)
-
-        return diffpir.as_top_level_api(
-            prior.denoiser,
-            proximal_fn,
-            timesteps,
-            lam=self._options["lam"],
-            zeta=self._options["zeta"],
+            svd = obs.linear_gaussian()
+            return diffpir.from_linear_gaussian(prior.denoiser, svd, timesteps, **options)
+        proximal_fn = diffpir.gradient_proximal(
+            obs.log_likelihood, _curvature_bound(obs), self._options["num_grad_steps"]
         )
+        return diffpir.as_top_level_api(prior.denoiser, proximal_fn, timesteps, **options)
 
 
 def _curvature_bound(obs: ObservationModel) -> Array:
@@ -623,20 +728,9 @@ class MCGdiff(Method):
         eta: float = 1.0,
         spacing: str = "uniform",
     ):
-        if not isinstance(twisted, bool):
-            raise TypeError(f"twisted must be True or False, got {twisted!r}")
         if not isinstance(noiseless, bool):
             raise TypeError(f"noiseless must be True or False, got {noiseless!r}")
-        if potential not in mcgdiff.POTENTIALS:
-            raise ValueError(f"potential must be one of {mcgdiff.POTENTIALS}, got {potential!r}")
-        if twisted and potential == "pinned":
-            raise ValueError("twisted=True needs the 'tweedie', 'gaussian' or 'flat' potential")
-        if not twisted and potential in mcgdiff.ANCHORED_POTENTIALS:
-            raise ValueError(
-                f"the {potential!r} potential needs twisted=True (it depends on the parent "
-                "particle, so only the twist can weight it); with twisted=False choose "
-                "'gaussian', 'flat' or 'pinned'"
-            )
+        mcgdiff.check_options(potential, twisted)
         smc.resampling_fn(resampling)
         eta = _check_eta(eta)
         if eta == 0:
@@ -656,71 +750,22 @@ class MCGdiff(Method):
         return smc.resampling_fn(self._options["resampling"])
 
     def check(self, obs: ObservationModel) -> None:
-        families = obs.noise_families()
+        others = "Use dp.TDS or dp.FK for other models."
         if obs.decode is not None:
-            raise ModelError(
-                "MCGdiff needs a linear forward operator on the diffused variable; with a "
-                "LatentDiffusionPrior the likelihood goes through the decoder, which is not "
-                "linear. Use dp.ReSample, dp.TDS or dp.DPS for latent priors."
-            )
-        if not is_linear_gaussian(obs):
-            detail = ", ".join(f"{site}: {family}" for site, family in families.items())
-            raise ModelError(
-                "MCGdiff needs a linear forward operator with Normal noise of fixed scale; "
-                f"the model's observed sites are ({detail}) or A(x) is not linear. "
-                "Use dp.TDS or dp.FK for other models."
-            )
+            others = "Use dp.ReSample, dp.TDS or dp.DPS for latent priors."
+        _require_subspace_model("MCGdiff", obs, others)
+        svd = obs.linear_gaussian()
         if self._options["noiseless"]:
-            singular = np.asarray(whitened_svd(obs).singular)
-            rank = int(np.sum(singular > _RANK_RTOL * singular.max()))
-            num_obs = int(obs.observed_flat.shape[0])
-            if rank < num_obs:
+            rank = int(svd.num_observed)
+            if rank < svd.num_obs:
                 raise ModelError(
-                    f"MCGdiff(noiseless=True) needs A of full row rank: {num_obs} observations "
-                    f"but rank {rank}"
+                    f"MCGdiff(noiseless=True) needs A of full row rank: {svd.num_obs} "
+                    f"observations but rank {rank}"
                 )
 
     def build(self, prior, obs, timesteps):
-        svd = whitened_svd(obs)
-        num_obs, dim = svd.y_white.shape[0], svd.v.shape[0]
-        rank = min(num_obs, dim)
-        coords_y = svd.u.T @ svd.y_white
-        singular = svd.singular[:rank]
-        observed = singular > _RANK_RTOL * jnp.max(singular)
-        safe = jnp.where(observed, singular, 1.0)
-        pseudo_obs = jnp.where(observed, coords_y[:rank] / safe, 0.0)
-        noiseless = self._options["noiseless"]
-        noise_ratio = jnp.where(observed & (not noiseless), 1.0 / safe, 0.0)
-        # p(y) from the SMC's integral over pseudo-observations: the whitening, the singular
-        # values, and the directions of y that carry pure noise
-        sigma = obs.observation_scale(jnp.zeros(obs.event_shape))
-        offset = -jnp.sum(jnp.log(sigma)) - jnp.sum(jnp.where(observed, jnp.log(safe), 0.0))
-        if not noiseless:
-            unobserved = jnp.ones(num_obs, bool).at[:rank].set(~observed)
-            noise_terms = -0.5 * (coords_y**2 + jnp.log(2 * jnp.pi))
-            offset = offset + jnp.sum(jnp.where(unobserved, noise_terms, 0.0))
-        basis = svd.v[:, :rank]
-        data_mean, data_variance = _moments_along(prior, basis)
-        return mcgdiff.as_top_level_api(
-            prior.denoiser,
-            timesteps,
-            basis,
-            pseudo_obs,
-            noise_ratio,
-            observed=observed,
-            potential=self._options["potential"],
-            twisted=self._options["twisted"],
-            eta=self._options["eta"],
-            data_mean=data_mean,
-            data_variance=data_variance,
-            ess_threshold=self._options["ess_threshold"],
-            resampling=self._options["resampling"],
-            log_evidence_offset=offset,
-        )
-
-
-#: Singular values below this fraction of the largest count as zero.
-_RANK_RTOL = 1e-6
+        options = {name: self._options[name] for name in ("noiseless", "potential", "twisted")}
+        return _subspace_kernel(prior, obs, timesteps, self._options, **options)
 
 
 RESAMPLE_SPACES = ("latent", "pixel")
@@ -852,17 +897,30 @@ class ReSample(Method):
         )
 
 
-def _moments_along(prior: DiffusionPrior, basis: Array) -> tuple[Array, Array]:
-    """The prior's mean and variance along each column of ``basis`` (``(d, r)``): exact from
-    the covariance where the prior has one, else from per-coordinate variances (mean zero
-    where the prior does not know its mean)."""
+def _moments_along(prior: DiffusionPrior, svd: WhitenedSVD) -> tuple[Array, Array]:
+    """The prior's mean and variance along each right coordinate of ``svd`` (``(r,)`` each).
+
+    The mean is projected (zero where the prior does not know its mean). The variance is exact
+    where the prior gives it along directions (a Gaussian mixture's ``variance_along``), for a
+    dense basis, and for a permutation basis (inpainting); otherwise the per-coordinate
+    variances are averaged. These moments only shape MCGdiff's proposal: the weights keep it
+    exact whatever they are.
+    """
+    event_shape = tuple(prior.event_shape)
     try:
-        mean = jnp.ravel(prior.mean)
+        mean = svd.V_T(jnp.reshape(prior.mean, event_shape))
     except (NotImplementedError, AttributeError):
-        mean = jnp.zeros(basis.shape[0])
-    covariance = getattr(prior, "covariance", None)
-    if covariance is not None:
-        variance = jnp.einsum("dr,de,er->r", basis, covariance, basis)
+        mean = jnp.zeros(svd.dim)
+    variance_along = getattr(prior, "variance_along", None)
+    if variance_along is not None:
+        variance = variance_along(lambda v: svd.V_T(v.reshape((-1, *event_shape))))
+        return mean, jnp.reshape(variance, (svd.dim,))
+    per_coordinate = jnp.broadcast_to(jnp.asarray(prior.variance), event_shape)
+    basis = getattr(svd.basis, "op", svd.basis)  # an operator behind a reshaping adapter
+    if isinstance(basis, lg._DenseBasis):
+        variance = (basis.columns**2).T @ per_coordinate.reshape(-1)
+    elif isinstance(basis, Inpaint):
+        variance = svd.V_T(per_coordinate)
     else:
-        variance = (basis**2).T @ jnp.ravel(prior.variance)
-    return mean @ basis, variance
+        variance = jnp.full((svd.dim,), jnp.mean(per_coordinate))
+    return mean, variance

@@ -1,8 +1,9 @@
 """The sampler driver: model -> kernel -> one compiled ``lax.scan`` over diffusion steps.
 
 Chains run side by side (``vmap`` inside each step, or ``lax.map`` for ``"sequential"``, or
-sharded over devices for ``"parallel"``); the progress bar is fed from inside the scan by a host
-callback that is compiled in only when ``progress_bar=True``.
+sharded over devices for ``"parallel"``); with ``shard_particles=True`` every chain's particles
+are split over the devices instead (:mod:`diffprior.infer.sharding`). The progress bar is fed
+from inside the scan by a host callback that is compiled in only when ``progress_bar=True``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from functools import partial
 from typing import Any
 
 import equinox as eqx
@@ -20,6 +22,7 @@ from jax.scipy.special import logsumexp
 from tqdm.auto import tqdm
 
 from diffprior.diffusion.grids import timesteps as make_timesteps
+from diffprior.infer import sharding
 from diffprior.infer.methods import Method
 from diffprior.kernels.base import INFO_FIELDS, SMC_INFO_FIELDS
 from diffprior.model import model_arguments, read_model
@@ -64,6 +67,8 @@ class ProgressBar:
         if self.bar is None:
             return
         step = int(step)
+        if self._started and step <= self.bar.n:
+            return  # a program over several devices reports each step from each of them
         if not self._started:
             # compile time (and start-up) would pollute the rate: the clock starts here
             self._started = True
@@ -123,6 +128,13 @@ class Sampler(ParticleResults):
         step, less memory) or ``"parallel"`` (chains sharded over the available devices).
     progress_bar
         Show a tqdm bar updated from inside the compiled scan.
+    shard_particles
+        Split every chain's particles over all devices (``jax.devices()``, every host's after
+        ``jax.distributed.initialize``) for the SMC methods (TDS, FK, MCGdiff): weights, ESS,
+        log-evidence and resampling stay global, and a given key gives the run of one device
+        up to floating-point rounding (:mod:`diffprior.infer.sharding`). ``num_particles``
+        must be a multiple of the number of devices; chains then run ``"vectorized"`` or
+        ``"sequential"`` on every device.
 
     Examples
     --------
@@ -146,6 +158,7 @@ class Sampler(ParticleResults):
         num_chains: int = 1,
         chain_method: str = "vectorized",
         progress_bar: bool = True,
+        shard_particles: bool = False,
     ):
         if not isinstance(method, Method):
             raise TypeError(
@@ -161,11 +174,29 @@ class Sampler(ParticleResults):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if chain_method not in CHAIN_METHODS:
             raise ValueError(f"chain_method must be one of {CHAIN_METHODS}, got {chain_method!r}")
+        if not isinstance(shard_particles, bool):
+            raise TypeError(f"shard_particles must be True or False, got {shard_particles!r}")
+        self._mesh = None
+        if shard_particles:
+            if not method.is_smc:
+                raise ValueError(
+                    f"shard_particles=True splits one SMC chain's particles over devices; "
+                    f"{type(method).__name__} moves its particles independently, so split them "
+                    "as chains instead: num_chains=<devices>, chain_method='parallel'"
+                )
+            if chain_method == "parallel":
+                raise ValueError(
+                    "shard_particles=True already puts every chain on all devices; use "
+                    "chain_method='vectorized' or 'sequential' with it"
+                )
+            self._mesh = sharding.particle_mesh()
+            sharding.check_divisible(int(num_particles), self._mesh)
         self.method = method
         self.num_particles = int(num_particles)
         self.num_steps = int(num_steps)
         self.num_chains = int(num_chains)
         self.chain_method = chain_method
+        self.shard_particles = shard_particles
         self.progress_bar = bool(progress_bar)
         self._progress = ProgressBar()
         self._num_compilations = 0
@@ -192,19 +223,30 @@ class Sampler(ParticleResults):
         x_init = prior.sample_reference(init_key, (num_chains, num_particles))
         if self.chain_method == "parallel":
             x_init = _shard_chains(x_init)
-        states = jax.vmap(algorithm.init)(x_init)
+        mesh = self._mesh
 
-        if self.chain_method == "sequential":
+        def init_chains(x, **axis):
+            return jax.vmap(partial(algorithm.init, **axis))(x)
 
-            def step_chains(keys, states):
-                return jax.lax.map(lambda ks: algorithm.step(*ks), (keys, states))
-        else:
-            step_chains = jax.vmap(algorithm.step)
+        def step_chains(keys, states, **axis):
+            step = partial(algorithm.step, **axis)
+            if self.chain_method == "sequential" or num_chains == 1:
+                # unbatched, a kernel's lax.cond stays a branch (vmap would run both sides)
+                return jax.lax.map(lambda ks: step(*ks), (keys, states))
+            return jax.vmap(step)(keys, states)
+
+        if mesh is not None:
+            # each device runs the kernel on its block of every chain's particles (axis 1)
+            init_chains = sharding.shard_over_particles(init_chains, mesh, particle_dim=1)
+            step_chains = sharding.shard_over_particles(step_chains, mesh, particle_dim=1)
+        states = init_chains(x_init)
 
         progress = self._progress if self.progress_bar else None
         if progress is not None:
             progress.compiling()  # this code runs only while tracing: a compile follows
         every = max(1, self.num_steps // 50)
+        # JAX orders host callbacks only in a program on one device
+        ordered = mesh is None and self.chain_method != "parallel"
 
         def body(states, inputs):
             index, key = inputs
@@ -212,7 +254,7 @@ class Sampler(ParticleResults):
             if progress is not None:
                 jax.lax.cond(
                     ((index + 1) % every == 0) | (index + 1 == self.num_steps),
-                    lambda: jax.debug.callback(progress.update, index + 1, ordered=True),
+                    lambda: jax.debug.callback(progress.update, index + 1, ordered=ordered),
                     lambda: None,
                 )
             return states, _step_summary(info, method.is_smc)
@@ -246,7 +288,7 @@ class Sampler(ParticleResults):
         else:
             samples = particles
         pointwise = jax.vmap(jax.vmap(obs.pointwise_log_likelihood))(samples)
-        return {
+        result = {
             "samples": samples,
             "particles": particles,
             "log_weights": log_weights,
@@ -254,6 +296,11 @@ class Sampler(ParticleResults):
             "per_step": per_step,
             "pointwise_log_likelihood": pointwise,
         }
+        if mesh is not None and jax.process_count() > 1:
+            # every process reads the whole run, as on one host
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            result = jax.lax.with_sharding_constraint(result, replicated)
+        return result
 
     # -- public API ---------------------------------------------------------------------------
     def run(self, rng_key: PRNGKey, *args: Any, **kwargs: Any) -> None:

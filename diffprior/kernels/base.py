@@ -33,6 +33,29 @@ equal weights. :class:`KernelState`, :class:`SMCKernelState`, :class:`KernelInfo
 :class:`SMCKernelInfo` state the same contract as typing protocols, and :data:`INFO_FIELDS`
 and :data:`SMC_INFO_FIELDS` name the per-step Info scalars a driver keeps.
 
+How the :class:`diffprior.Sampler` uses a kernel (what a new one must allow):
+
+- it calls ``init(particles)`` with the particles of one chain drawn by the prior's
+  ``sample_reference`` at ``timesteps[0]`` (no key), then ``step`` ``len(timesteps) - 1``
+  times; the grid ends at exactly 0, so the particles of the last state are the draws;
+- it maps ``init`` and ``step`` over chains (``jax.vmap`` or ``lax.map``) and scans ``step``
+  over the grid inside one compiled program: both must be pure JAX functions, the state a
+  pytree of fixed shapes;
+- it keeps from each step's Info the fields :data:`INFO_FIELDS` (and :data:`SMC_INFO_FIELDS`
+  for an SMC kernel), one scalar per chain, as the per-step ``sample_stats`` of ``to_arviz()``,
+  and stops with a TypeError naming any that is missing; other Info fields are allowed and
+  are not kept;
+- for an SMC kernel (its method has ``is_smc = True``) it reads ``log_weights`` and
+  ``log_evidence`` from the last state, resamples the particles to equal weights and reports
+  the evidence; for the others it takes the particles as equally weighted draws;
+- with ``shard_particles=True`` (SMC kernels only) it also passes the keyword ``axis_name`` to
+  ``init`` and ``step``, which hand it to the particle-wide reductions of
+  :mod:`diffprior.kernels.smc`.
+
+:func:`from_particle_step` (for kernels that move each particle on its own) and
+:func:`diffprior.kernels.smc.step` (one SMC step) build kernels that keep this contract and the
+rule below; :doc:`/write_your_own_kernel` writes one of each and runs them with the Sampler.
+
 Non-finite particles
 --------------------
 A proposal can fail: a network or likelihood that overflows in float32, a proximal step that
@@ -81,9 +104,18 @@ __all__ = [
     "from_particle_step",
 ]
 
-#: Per-step Info scalars every kernel reports (see the module docstring).
+#: Per-step Info fields every kernel reports, each one scalar per chain: ``num_nonfinite``, the
+#: int32 count of proposals that :func:`replace_nonfinite` replaced at the step. The
+#: :class:`diffprior.Sampler` keeps these (and for SMC kernels :data:`SMC_INFO_FIELDS`) and no
+#: other Info field, warns with the steps where the count is positive, and stops with a
+#: TypeError naming a field that is missing (see the module docstring).
 INFO_FIELDS = ("num_nonfinite",)
-#: Per-step Info scalars every SMC kernel reports besides :data:`INFO_FIELDS`.
+#: Per-step Info fields every SMC kernel reports besides :data:`INFO_FIELDS`, each one scalar
+#: per chain: ``ess``, the effective sample size of the weights on which the resampling
+#: decision was made; ``resampled``, whether the step resampled (bool); ``log_evidence_increment``,
+#: what the step added to the state's ``log_evidence``; ``degenerate``, whether every particle
+#: got weight zero (bool; the Sampler warns). :class:`diffprior.kernels.smc.SMCInfo`, which
+#: :func:`diffprior.kernels.smc.step` returns, has them all.
 SMC_INFO_FIELDS = ("ess", "resampled", "log_evidence_increment", "degenerate")
 
 
@@ -118,10 +150,15 @@ class SMCKernelInfo(KernelInfo, Protocol):
 
 class ParticleState(NamedTuple):
     """State of the kernels that move each particle on its own (unguided, DPS, PiGDM,
-    DiffPIR, ReSample).
+    DiffPIR, ReSample), and of any kernel built with :func:`from_particle_step`.
+
+    It is all a :class:`KernelState` needs and nothing more: such a kernel has no weights (its
+    method has ``is_smc = False``), and the driver takes its particles after the last step as
+    equally weighted draws.
 
     particles
-        ``(N, *event_shape)`` particles :math:`x_t` at ``t = timesteps[step]``.
+        ``(N, *event_shape)`` particles :math:`x_t` at ``t = timesteps[step]``; finite whenever
+        the starting particles are (:func:`replace_nonfinite`).
     step
         Index of the current time in the grid, an int32 scalar (0 after :func:`init`).
     """

@@ -120,11 +120,13 @@ def init(
     *,
     lam: ArrayLike = 1.0,
     proposal: str = "guided",
+    axis_name: str | None = None,
 ) -> FKState:
-    r"""Weight reference draws at ``timesteps[0]`` by :math:`G = \exp(\lambda r)`."""
+    r"""Weight reference draws at ``timesteps[0]`` by :math:`G = \exp(\lambda r)`
+    (``axis_name``: see :func:`build_kernel`)."""
     potential = _evaluate(denoiser, reward_fn, particles, timesteps[0], proposal == "guided")
     log_potential = lam * potential.log_potential
-    update = smc.initial_weights(log_potential)
+    update = smc.initial_weights(log_potential, axis_name)
     return FKState(
         particles,
         update.log_weights,
@@ -152,7 +154,14 @@ def build_kernel(
     resample_every: int = 1,
     resample_fn: Callable = smc.RESAMPLING_SCHEMES["systematic"],
 ) -> Callable[[PRNGKey, FKState], tuple[FKState, FKInfo]]:
-    """Build the FK step (options as in :func:`as_top_level_api`)."""
+    """Build the FK step (options as in :func:`as_top_level_api`).
+
+    The step is ``kernel(rng_key, state, *, axis_name=None)``. With ``axis_name``, the name of
+    a mapped axis (``jax.shard_map`` over devices), ``state`` holds one block of the particles
+    and every block gets the same ``rng_key``: the weights, the ESS, the log-evidence and the
+    resampling are over all particles, and each particle draws the noise it would draw unsplit
+    (:mod:`diffprior.kernels.smc`).
+    """
     if potential not in POTENTIALS:
         raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
     if proposal not in PROPOSALS:
@@ -177,13 +186,15 @@ def build_kernel(
         x_s = prior_step.mean + shift + jnp.sqrt(prior_step.variance) * noise
         return x_s, jnp.where(stochastic, guided_log_ratio(shift, noise, variance), 0.0)
 
-    def kernel(rng_key: PRNGKey, state: FKState) -> tuple[FKState, FKInfo]:
+    def kernel(
+        rng_key: PRNGKey, state: FKState, *, axis_name: str | None = None
+    ) -> tuple[FKState, FKInfo]:
         t, s = timesteps[state.step], timesteps[state.step + 1]
         is_last = state.step == last_step
 
         def propose_fn(key, x_t, carried):
             _, grad_t, x0_hat_t, _, _ = carried
-            keys = jax.random.split(key, x_t.shape[0])
+            keys = smc.particle_keys(key, x_t.shape[0], axis_name)
             return jax.vmap(propose, in_axes=(0, 0, 0, 0, None, None))(
                 keys, x_t, x0_hat_t, grad_t, t, s
             )
@@ -233,6 +244,7 @@ def build_kernel(
             ess_threshold=ess_threshold,
             resample_fn=resample_fn,
             resample_allowed=allowed,
+            axis_name=axis_name,
         )
         reward, grad, x0_hat, log_product, running = result.carried
         new_state = FKState(
@@ -266,6 +278,9 @@ def as_top_level_api(
     resampling: str = "systematic",
 ) -> SamplingAlgorithm:
     r"""FK steering as a ``SamplingAlgorithm(init, step)``.
+
+    ``init`` and ``step`` take an ``axis_name`` keyword: the mapped axis over which the
+    particles are split, if they are (see :func:`build_kernel`).
 
     Parameters
     ----------
@@ -302,7 +317,17 @@ def as_top_level_api(
         resample_fn=resample_fn,
     )
 
-    def init_fn(particles: Array, rng_key: PRNGKey | None = None) -> FKState:
-        return init(particles, denoiser, reward_fn, timesteps, lam=lam, proposal=proposal)
+    def init_fn(
+        particles: Array, rng_key: PRNGKey | None = None, *, axis_name: str | None = None
+    ) -> FKState:
+        return init(
+            particles,
+            denoiser,
+            reward_fn,
+            timesteps,
+            lam=lam,
+            proposal=proposal,
+            axis_name=axis_name,
+        )
 
     return SamplingAlgorithm(init_fn, kernel)

@@ -89,6 +89,7 @@ from blackjax.base import SamplingAlgorithm
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.diffusion.transitions import tweedie_variance
 from diffprior.kernels import smc
+from diffprior.linear_gaussian import WhitenedSVD
 from diffprior.types import Array, ArrayLike, PRNGKey
 
 __all__ = [
@@ -100,6 +101,7 @@ __all__ = [
     "init",
     "build_kernel",
     "as_top_level_api",
+    "from_linear_gaussian",
 ]
 
 
@@ -224,8 +226,18 @@ def _log_potential(coords: Array, pseudo_obs: Array, plan: PotentialPlan, k: Arr
     return jnp.sum(jnp.where(plan.active[k], terms, 0.0), axis=-1)
 
 
-def _project(basis: Array, x: Array) -> Array:
+def _project(basis: Array | WhitenedSVD, x: Array) -> Array:
+    """Coordinates ``(N, r)`` of particles ``(N, *event_shape)`` along the observed directions."""
+    if hasattr(basis, "V_T"):
+        return basis.V_T(x)
     return x.reshape((x.shape[0], -1)) @ basis
+
+
+def _lift(basis: Array | WhitenedSVD, coords: Array, shape: tuple[int, ...]) -> Array:
+    """``sum_i coords_i v_i`` for coordinates ``(N, r)``, shaped ``shape``."""
+    if hasattr(basis, "V"):
+        return basis.V(coords).reshape(shape)
+    return (coords @ basis.T).reshape(shape)
 
 
 def _x0_hat(denoiser: Denoiser, particles: Array, t: Array) -> Array:
@@ -241,12 +253,17 @@ def init(
     plan: PotentialPlan,
     twist: Twist | None = None,
     log_evidence_offset: ArrayLike = 0.0,
+    *,
+    axis_name: str | None = None,
 ) -> MCGdiffState:
-    """Weight reference draws at ``timesteps[0]`` by the first potentials (or twists)."""
+    """Weight reference draws at ``timesteps[0]`` by the first potentials (or twists);
+    ``axis_name`` as for the step (:func:`build_kernel`)."""
     x0_hat = _x0_hat(denoiser, particles, timesteps[0])
     log_potential = _log_potential(_project(basis, particles), pseudo_obs, plan, 0)
-    correction = _log_correction(twist, basis, pseudo_obs, x0_hat, log_potential, 0, False)
-    update = smc.initial_weights(log_potential + correction)
+    correction = _log_correction(
+        twist, basis, pseudo_obs, x0_hat, log_potential, 0, False, plan.active[0]
+    )
+    update = smc.initial_weights(log_potential + correction, axis_name)
     log_evidence = update.log_evidence_increment + jnp.asarray(log_evidence_offset, jnp.float32)
     step = jnp.zeros((), jnp.int32)
     return MCGdiffState(particles, update.log_weights, log_evidence, step, x0_hat, correction)
@@ -260,13 +277,14 @@ class Twist(NamedTuple):
     variance: Array
 
 
-def _log_correction(twist, basis, pseudo_obs, x0_hat, log_potential, k, is_last):
-    r""":math:`\log h_k - \log g_k` at the particles; zero at the last step (both are the
-    likelihood there) and without a twist."""
+def _log_correction(twist, basis, pseudo_obs, x0_hat, log_potential, k, is_last, active):
+    r""":math:`\log h_k - \log g_k` at the particles, over the ``active`` (observed)
+    directions; zero at the last step (both are the likelihood there) and without a twist."""
     if twist is None:
         return jnp.zeros_like(log_potential)
     terms = _log_normal(pseudo_obs, _project(basis, x0_hat), twist.variance[k])
-    return jnp.where(is_last, 0.0, jnp.sum(terms, axis=-1) - log_potential)
+    twist_sum = jnp.sum(jnp.where(active, terms, 0.0), axis=-1)
+    return jnp.where(is_last, 0.0, twist_sum - log_potential)
 
 
 def build_kernel(
@@ -285,7 +303,11 @@ def build_kernel(
 ) -> Callable[[PRNGKey, MCGdiffState], tuple[MCGdiffState, MCGdiffInfo]]:
     """Build the MCGdiff step (arguments as in :func:`as_top_level_api`). ``anchored``
     centres the potentials at the parent particle's denoiser estimate (the ``"tweedie"``
-    potential of the module docstring) and needs ``twist``."""
+    potential of the module docstring) and needs ``twist``.
+
+    The step is ``kernel(rng_key, state, *, axis_name=None)``; ``axis_name`` names the mapped
+    axis over which the particles are split, if they are (see
+    :func:`diffprior.kernels.fk.build_kernel`)."""
     if anchored and twist is None:
         raise ValueError("anchored potentials need the twist: the potential depends on the parent")
     last_step = timesteps.shape[0] - 2
@@ -298,7 +320,9 @@ def build_kernel(
     def transition(x_t, x0_hat, t, s):
         return denoiser.transition(x_t, x0_hat, t, s, eta)
 
-    def kernel(rng_key: PRNGKey, state: MCGdiffState) -> tuple[MCGdiffState, MCGdiffInfo]:
+    def kernel(
+        rng_key: PRNGKey, state: MCGdiffState, *, axis_name: str | None = None
+    ) -> tuple[MCGdiffState, MCGdiffInfo]:
         k = state.step
         t, s = timesteps[k], timesteps[k + 1]
         slope, offset = plan.slope[k + 1], plan.offset[k + 1]
@@ -310,7 +334,12 @@ def build_kernel(
             variance = jnp.where(
                 k == last_step, jnp.maximum(step.variance, last_variance), step.variance
             )
-            noise = jax.random.normal(noise_key, x_t.shape)
+            # one key per particle: the same noise however the particles are split
+            keys = smc.particle_keys(noise_key, x_t.shape[0], axis_name)
+            noise = jax.vmap(lambda key: jax.random.normal(key, x_t.shape[1:]))(keys)
+            # drawn once: fused into each of its uses (the step, its projection) XLA would
+            # recompute it there, which dominates the step at image sizes on CPU
+            noise = jax.lax.optimization_barrier(noise)
             x_prior = step.mean + jnp.sqrt(variance).reshape((-1,) + (1,) * (x_t.ndim - 1)) * noise
             variance = variance[:, None]  # one isotropic variance per particle, against (N, r)
 
@@ -328,17 +357,22 @@ def build_kernel(
             pinned = total <= 0.0
             gain = jnp.where(pinned, 1.0 / slope, slope * variance / jnp.where(pinned, 1.0, total))
             proposal_mean = mean_coords + gain * (pseudo_obs - predicted)
-            proposal_std = jnp.sqrt(jnp.maximum(variance * (1.0 - gain * slope), 0.0))
+            # v (1 - gain a) = v e / total: no cancellation when e << a^2 v (near-noiseless y)
+            proposal_var = jnp.where(
+                pinned, 0.0, variance * obs_variance / jnp.where(pinned, 1.0, total)
+            )
+            proposal_std = jnp.sqrt(jnp.maximum(proposal_var, 0.0))
             prior_coords = mean_coords + jnp.sqrt(variance) * noise_coords
             new_coords = jnp.where(
                 active, proposal_mean + proposal_std * noise_coords, prior_coords
             )
-            x_s = x_prior + ((new_coords - prior_coords) @ basis.T).reshape(x_prior.shape)
-            return x_s, (mean_coords, anchor, predicted, total)
+            x_s = x_prior + _lift(basis, new_coords - prior_coords, x_prior.shape)
+            # new_coords is V^T x_s: the weights need not project x_s again
+            return x_s, (mean_coords, anchor, predicted, total, new_coords)
 
         def weight_fn(x_t, carried, x_s, aux):
             _, correction_t = carried
-            mean_coords, anchor, predicted, total = aux
+            mean_coords, anchor, predicted, total, coords_s = aux
             # predictive of the new potentials over the previous ones (module docstring)
             log_numerator = jnp.sum(
                 jnp.where(active, _log_normal(pseudo_obs, predicted, total), 0.0), axis=-1
@@ -350,7 +384,7 @@ def build_kernel(
                 # last step), over the parent's twist
                 potential_s = _log_normal(
                     pseudo_obs,
-                    predicted + slope * (_project(basis, x_s) - mean_coords),
+                    predicted + slope * (coords_s - mean_coords),
                     obs_variance,
                 )
                 twist_s = _log_normal(pseudo_obs, _project(basis, x0_hat_s), twist.variance[k + 1])
@@ -366,9 +400,16 @@ def build_kernel(
                 log_denominator = jnp.sum(jnp.where(active, previous, 0.0), axis=-1)
                 log_increment = log_numerator - log_denominator
                 if twist is not None:
-                    log_potential_s = _log_potential(_project(basis, x_s), pseudo_obs, plan, k + 1)
+                    log_potential_s = _log_potential(coords_s, pseudo_obs, plan, k + 1)
                     correction_s = _log_correction(
-                        twist, basis, pseudo_obs, x0_hat_s, log_potential_s, k + 1, k == last_step
+                        twist,
+                        basis,
+                        pseudo_obs,
+                        x0_hat_s,
+                        log_potential_s,
+                        k + 1,
+                        k == last_step,
+                        active,
                     )
                     log_increment = log_increment + correction_s - correction_t
             return log_increment, (x0_hat_s, correction_s)
@@ -383,6 +424,7 @@ def build_kernel(
             carried=(state.x0_hat, state.log_correction),
             ess_threshold=ess_threshold,
             resample_fn=resample_fn,
+            axis_name=axis_name,
         )
         x0_hat, correction = result.carried
         new_state = MCGdiffState(
@@ -420,7 +462,9 @@ def as_top_level_api(
         Decreasing times ending at 0.
     basis
         ``(d, r)`` orthonormal columns :math:`V_r`, the observed directions of the flattened
-        event.
+        event; or an object with ``V_T`` (particles to ``(N, r)`` coordinates) and ``V``
+        (back), such as a :class:`diffprior.linear_gaussian.WhitenedSVD` or a
+        :mod:`diffprior.operators` operator, so that nothing ``d x r`` is stored.
     pseudo_obs
         ``(r,)`` :math:`\tilde y`, the observation in those directions divided by the singular
         values.
@@ -452,7 +496,8 @@ def as_top_level_api(
     check_options(potential, twisted)
     ess_threshold = smc.check_ess_threshold(ess_threshold)
     resample_fn = smc.resampling_fn(resampling)
-    basis = jnp.asarray(basis, jnp.float32)
+    if not hasattr(basis, "V_T"):
+        basis = jnp.asarray(basis, jnp.float32)
     pseudo_obs = jnp.asarray(pseudo_obs, jnp.float32)
     if observed is None:
         observed = jnp.ones(pseudo_obs.shape, bool)
@@ -482,9 +527,87 @@ def as_top_level_api(
         anchored=anchored,
     )
 
-    def init_fn(particles: Array, rng_key: PRNGKey | None = None) -> MCGdiffState:
+    def init_fn(
+        particles: Array, rng_key: PRNGKey | None = None, *, axis_name: str | None = None
+    ) -> MCGdiffState:
         return init(
-            particles, denoiser, timesteps, basis, pseudo_obs, plan, twist, log_evidence_offset
+            particles,
+            denoiser,
+            timesteps,
+            basis,
+            pseudo_obs,
+            plan,
+            twist,
+            log_evidence_offset,
+            axis_name=axis_name,
         )
 
     return SamplingAlgorithm(init_fn, kernel)
+
+
+def from_linear_gaussian(
+    denoiser: Denoiser,
+    timesteps: Array,
+    svd: WhitenedSVD,
+    *,
+    noiseless: bool = False,
+    potential: str = "tweedie",
+    twisted: bool = True,
+    eta: ArrayLike = 1.0,
+    data_mean: ArrayLike = 0.0,
+    data_variance: ArrayLike = 1.0,
+    ess_threshold: float = 0.5,
+    resampling: str = "systematic",
+) -> SamplingAlgorithm:
+    r"""MCGdiff for a linear Gaussian observation given as its whitened SVD
+    (:meth:`diffprior.model.ObservationModel.linear_gaussian`, or
+    :func:`diffprior.linear_gaussian.from_operator` / ``from_matrix`` on plain arrays), with
+    the log-evidence of :math:`y` itself.
+
+    Each observed direction :math:`i` (:math:`s_i > 0`) carries the pseudo-observation
+    :math:`(U^T \tilde y)_i / s_i` with noise ratio :math:`1/s_i` (0 with ``noiseless``: the
+    samples then reproduce :math:`y` through :math:`A`, and the evidence is the density of
+    :math:`A x` at :math:`y`). The change of variables from the pseudo-observations to
+    :math:`y`, :math:`-\sum_j \log \sigma_j - \sum_i \log s_i`, and the directions of
+    :math:`\tilde y` that no :math:`x` explains (standard normal) are the log-evidence offset.
+    ``data_mean`` and ``data_variance`` are the prior's moments along the ``svd``'s right
+    coordinates (``(r,)`` or scalars); other options as in :func:`as_top_level_api`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import diffprior as dp
+    >>> from diffprior.linear_gaussian import from_operator
+    >>> gmm = dp.GaussianMixture(jnp.zeros((1, 4)), jnp.ones(1))
+    >>> A = dp.operators.Inpaint(jnp.array([True, True, False, False]))
+    >>> y = jnp.array([1.0, -1.0])
+    >>> svd = from_operator(A, scale=0.5, y=y)
+    >>> algo = dp.kernels.mcgdiff.from_linear_gaussian(gmm.denoiser, gmm.timesteps(20), svd)
+    >>> state = algo.init(jax.random.normal(jax.random.key(0), (256, 4)))
+    >>> for key in jax.random.split(jax.random.key(1), 20):
+    ...     state, info = algo.step(key, state)
+    >>> exact = gmm.log_evidence(A.matrix(), 0.5, y)
+    >>> bool(abs(state.log_evidence - exact) < 0.05)
+    True
+    """
+    observed = svd.observed
+    safe = jnp.where(observed, svd.singular, 1.0)
+    pseudo_obs = jnp.where(observed, svd.coords_y / safe, 0.0)
+    noise_ratio = jnp.where(observed & (not noiseless), 1.0 / safe, 0.0)
+    offset = -svd.log_scale_sum - jnp.sum(jnp.where(observed, jnp.log(safe), 0.0))
+    if not noiseless:
+        offset = offset + svd.log_residual_density()
+    return as_top_level_api(
+        denoiser,
+        timesteps,
+        svd,
+        pseudo_obs,
+        noise_ratio,
+        observed=observed,
+        potential=potential,
+        twisted=twisted,
+        eta=eta,
+        data_mean=data_mean,
+        data_variance=data_variance,
+        ess_threshold=ess_threshold,
+        resampling=resampling,
+        log_evidence_offset=offset,
+    )

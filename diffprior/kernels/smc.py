@@ -35,6 +35,12 @@ or ``shard_map`` with ``axis_name``) each call sees one block of the particles, 
 reductions run over all blocks with collectives, and ancestors are global indices; every block
 must then be given the same ``rng_key`` so that the resampling draw agrees.
 
+Per-particle randomness goes through :func:`particle_keys`: the step's key is split into one
+key per particle over the *whole* set and each block keeps its slice, so particle ``i`` draws
+the same noise whether the particles sit on one device or are split over many. Together with
+the reductions above, a run split over ``k`` blocks gives the particles, weights and
+log-evidence of the unsplit run, up to the order of floating-point sums.
+
 Resampling schemes and the ESS come from :mod:`blackjax.smc`.
 """
 
@@ -67,6 +73,7 @@ __all__ = [
     "log_sum_exp",
     "num_particles",
     "gather",
+    "particle_keys",
     "check_ess_threshold",
 ]
 
@@ -142,6 +149,27 @@ def _local_indices(num_local: int, axis_name: str | None) -> Array:
     if axis_name is None:
         return indices
     return indices + jax.lax.axis_index(axis_name) * num_local
+
+
+def particle_keys(rng_key: PRNGKey, num_local: int, axis_name: str | None = None) -> Array:
+    """One key per particle, ``(num_local,)``: ``jax.random.split(rng_key, N)`` over all
+    ``N`` particles, and this block's slice of it when the particles are split over
+    ``axis_name`` (every block given the same ``rng_key``). A particle's key depends on its
+    global index only, not on how many blocks there are.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> key = jax.random.key(0)
+    >>> whole = particle_keys(key, 8)
+    >>> blocks = jax.vmap(lambda _: particle_keys(key, 4, "p"), axis_name="p")(jnp.arange(2))
+    >>> bool(jnp.all(jax.random.key_data(blocks.reshape(8)) == jax.random.key_data(whole)))
+    True
+    """
+    if axis_name is None:
+        return jax.random.split(rng_key, num_local)
+    keys = jax.random.split(rng_key, num_local * jax.lax.axis_size(axis_name))
+    return jax.lax.dynamic_slice_in_dim(keys, _local_indices(num_local, axis_name)[0], num_local)
 
 
 class SMCInfo(NamedTuple):
@@ -359,7 +387,19 @@ def step(
         allowed=resample_allowed,
         axis_name=axis_name,
     )
-    parents, parents_carried = gather((particles, carried), decision.ancestors, axis_name)
+    state = (particles, carried)
+    if ess_threshold <= 0.0:
+        parents, parents_carried = state  # never resamples: every particle is its own parent
+    elif ess_threshold >= 1.0 and resample_allowed is None:
+        parents, parents_carried = gather(state, decision.ancestors, axis_name)
+    else:
+        # a step that keeps its particles skips the gather (over devices, an all-gather); under
+        # vmap over chains the two branches become one select
+        parents, parents_carried = jax.lax.cond(
+            decision.resampled,
+            lambda: gather(state, decision.ancestors, axis_name),
+            lambda: state,
+        )
     proposals, aux = propose_fn(propose_key, parents, parents_carried)
     finite = base.replace_nonfinite(proposals, parents, axis_name)
     log_increments, new_carried = weight_fn(parents, parents_carried, finite.particles, aux)

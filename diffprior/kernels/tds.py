@@ -56,9 +56,25 @@ TDSState = fk.FKState
 TDSInfo = fk.FKInfo
 
 
-def init(particles: Array, denoiser: Denoiser, twist_fn: TwistFn, timesteps: Array) -> TDSState:
-    """Weight particles drawn from the reference at ``timesteps[0]`` by the first twist."""
-    return fk.init(particles, denoiser, twist_fn, timesteps, lam=1.0, proposal="guided")
+def init(
+    particles: Array,
+    denoiser: Denoiser,
+    twist_fn: TwistFn,
+    timesteps: Array,
+    *,
+    axis_name: str | None = None,
+) -> TDSState:
+    """Weight particles drawn from the reference at ``timesteps[0]`` by the first twist
+    (``axis_name``: see :func:`diffprior.kernels.fk.build_kernel`)."""
+    return fk.init(
+        particles,
+        denoiser,
+        twist_fn,
+        timesteps,
+        lam=1.0,
+        proposal="guided",
+        axis_name=axis_name,
+    )
 
 
 def build_kernel(
@@ -72,7 +88,8 @@ def build_kernel(
     resample_fn: Callable = smc.RESAMPLING_SCHEMES["systematic"],
 ) -> Callable[[PRNGKey, TDSState], tuple[TDSState, TDSInfo]]:
     """Build the TDS step. ``scale`` multiplies the twist gradient in the proposal only, so
-    any value keeps the sampler exact; ``eta`` is the DDIM stochasticity of the transition."""
+    any value keeps the sampler exact; ``eta`` is the DDIM stochasticity of the transition.
+    The step takes FK's ``axis_name`` keyword (:func:`diffprior.kernels.fk.build_kernel`)."""
     return fk.build_kernel(
         denoiser,
         twist_fn,
@@ -99,6 +116,9 @@ def as_top_level_api(
     resampling: str = "systematic",
 ) -> SamplingAlgorithm:
     r"""TDS as a ``SamplingAlgorithm(init, step)``.
+
+    ``init`` and ``step`` take an ``axis_name`` keyword for particles split over devices
+    (:func:`diffprior.kernels.fk.build_kernel`).
 
     Parameters
     ----------

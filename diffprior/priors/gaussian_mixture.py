@@ -17,7 +17,7 @@ mixture, in the eigenbasis of :math:`A^T A` (:meth:`GaussianMixture.posterior`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -27,12 +27,16 @@ from jax.scipy.special import logsumexp
 
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.diffusion.schedules import VP, Schedule
+from diffprior.operators import LinearOperator
 from diffprior.priors.diffusion_prior import DiffusionPrior
 from diffprior.types import Array, ArrayLike, PRNGKey
 
 __all__ = ["GaussianMixture"]
 
 _LOG_2PI = float(np.log(2 * np.pi))
+#: Largest dimension for which :meth:`GaussianMixture.variance_along` builds the dense
+#: covariance of a mixture with general (non-isotropic) components.
+_DENSE_MAX_DIM = 4096
 
 
 def _check_entries(name: str, value: np.ndarray, expected: str, is_valid) -> None:
@@ -238,7 +242,8 @@ class GaussianMixture(DiffusionPrior):
 
     @property
     def covariance(self) -> Array:
-        """The mixture's covariance ``(d, d)``."""
+        """The mixture's covariance ``(d, d)``: dense, so for small ``d`` only (:attr:`variance`
+        and :meth:`variance_along` give its diagonal and its quadratic form without it)."""
         net = self._net
         d = self.means.shape[1]
         basis = jnp.eye(d) if net.basis is None else net.basis
@@ -248,7 +253,55 @@ class GaussianMixture(DiffusionPrior):
 
     @property
     def variance(self) -> Array:
-        return jnp.diagonal(self.covariance)
+        r"""Per-coordinate variance ``(d,)``, the diagonal of :attr:`covariance` without forming
+        it: :math:`\sum_k w_k \operatorname{diag}(V \operatorname{diag}(v_k) V^T) + \sum_k w_k
+        (\mu_k - \mu)^2`, the first term :math:`(V \odot V) \sum_k w_k v_k`."""
+        net = self._net
+        within = self.weights @ net.variances  # in the basis
+        if net.basis is not None:
+            within = (net.basis**2) @ within
+        return within + self.weights @ (self.means - self.mean) ** 2
+
+    def variance_along(self, project: Callable[[Array], Array]) -> Array:
+        r"""The mixture's variance :math:`v_j^T \Sigma v_j` along ``r`` orthonormal directions
+        :math:`v_j`, ``(r,)``, without the dense covariance for isotropic components.
+
+        ``project`` is the linear map from a batch of vectors ``(k, d)`` to their coordinates
+        ``(k, r)`` along the directions, :math:`x \mapsto (v_j^T x)_j`: an operator's ``V_T``
+        (reshaping to its ``in_shape``), or ``lambda x: x @ basis`` for a ``(d, r)`` basis. For
+        components :math:`N(\mu_k, s_k^2 I)` (as built by the constructor),
+
+        .. math::  v^T \Sigma v = \sum_k w_k s_k^2 + \sum_k w_k (v^T (\mu_k - \mu))^2
+
+        for a unit :math:`v`, which costs one ``project`` of the ``(m, d)`` centred means.
+        General components (a posterior) need the dense covariance, built for ``d <= 4096``
+        only; larger ``d`` raises a ValueError. (Under ``jax.jit`` with the mixture traced, a
+        mixture without basis counts as isotropic, as in :meth:`posterior`.)
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> import diffprior as dp
+        >>> gmm = dp.GaussianMixture(jnp.array([[-2.0, 0.0, 0.0], [2.0, 0.0, 0.0]]), jnp.ones(2))
+        >>> A = dp.operators.Inpaint(jnp.array([True, False, True]))
+        >>> gmm.variance_along(lambda x: A.V_T(x.reshape(-1, *A.in_shape))).tolist()
+        [5.0, 1.0, 1.0]
+        """
+        net = self._net
+        centred = self.means - self.mean
+        if self._is_isotropic():
+            offsets = jnp.asarray(project(centred))  # (m, r)
+            return self.weights @ net.variances[:, 0] + self.weights @ offsets**2
+        d = centred.shape[1]
+        if d > _DENSE_MAX_DIM:
+            raise ValueError(
+                f"variance_along: this mixture has general (non-isotropic) components and "
+                f"d = {d} > {_DENSE_MAX_DIM}; its variance along arbitrary directions needs the "
+                f"dense (d, d) covariance. Use isotropic components N(mu_k, s_k^2 I), or "
+                "`variance` for the per-coordinate variance"
+            )
+        directions = jnp.asarray(project(jnp.eye(d)))  # (d, r): row i is (v_j[i])_j
+        return jnp.einsum("ir,ij,jr->r", directions, self.covariance, directions)
 
     # -- exact distribution --------------------------------------------------------------------
     def sample(self, key: PRNGKey, sample_shape: Sequence[int] = ()) -> Array:
@@ -296,15 +349,36 @@ class GaussianMixture(DiffusionPrior):
         return jax.vmap(one)(flat).reshape(value.shape[:-1])
 
     # -- linear-Gaussian inverse problems -------------------------------------------------------
+    def _is_isotropic(self) -> bool:
+        r"""Whether every component is :math:`N(\mu_k, s_k^2 I)`: no basis and, where they are
+        concrete, equal variances within each component."""
+        net = self._net
+        isotropic = net.basis is None
+        if isotropic and not isinstance(net.variances, jax.core.Tracer):
+            variances = np.asarray(net.variances)  # concrete even under jit when captured
+            isotropic = bool(np.all(variances == variances[:, :1]))
+        return isotropic
+
     def _check_problem(self, A, sigma_y, y):
-        A = jnp.asarray(A, dtype=jnp.float32)
         y = jnp.asarray(y, dtype=jnp.float32)
         sigma_y = jnp.asarray(sigma_y, dtype=jnp.float32)
         d = self.means.shape[1]
-        if A.ndim != 2 or A.shape[1] != d:
-            raise ValueError(f"A must have shape (dy, {d}), got {A.shape}")
-        if y.shape != (A.shape[0],):
-            raise ValueError(f"y must have shape ({A.shape[0]},) to match A, got {y.shape}")
+        if isinstance(A, LinearOperator):
+            if A.in_dim != d:
+                raise ValueError(
+                    f"A must map vectors of dimension {d}, got an operator with in_shape "
+                    f"{A.in_shape} ({A.in_dim} entries)"
+                )
+            if y.shape != tuple(A.out_shape):
+                raise ValueError(
+                    f"y must have shape {tuple(A.out_shape)} to match A, got {y.shape}"
+                )
+        else:
+            A = jnp.asarray(A, dtype=jnp.float32)
+            if A.ndim != 2 or A.shape[1] != d:
+                raise ValueError(f"A must have shape (dy, {d}), got {A.shape}")
+            if y.shape != (A.shape[0],):
+                raise ValueError(f"y must have shape ({A.shape[0]},) to match A, got {y.shape}")
         if sigma_y.shape != ():
             raise ValueError(f"sigma_y must be a scalar, got shape {sigma_y.shape}")
         if not isinstance(sigma_y, jax.core.Tracer) and not float(sigma_y) > 0:
@@ -312,12 +386,7 @@ class GaussianMixture(DiffusionPrior):
         if not isinstance(y, jax.core.Tracer) and not np.isfinite(np.asarray(y)).all():
             bad = int((~np.isfinite(np.asarray(y))).sum())
             raise ValueError(f"y has {bad} NaN or inf entries; every observation must be finite")
-        net = self._net
-        isotropic = net.basis is None
-        if isotropic and not isinstance(net.variances, jax.core.Tracer):
-            variances = np.asarray(net.variances)  # concrete even under jit when captured
-            isotropic = bool(np.all(variances == variances[:, :1]))
-        if not isotropic:
+        if not self._is_isotropic():
             raise NotImplementedError(
                 "the exact posterior needs isotropic components, N(mu_k, s_k^2 I); this mixture "
                 "has general covariances (is it already a posterior?)"
@@ -325,24 +394,49 @@ class GaussianMixture(DiffusionPrior):
         return A, sigma_y, y
 
     def _evidence_terms(self, A, sigma_y, y):
-        """Per-component ``log w_k + log N(y; A mu_k, s_k^2 A A^T + sigma_y^2 I)``."""
-        net = self._net
-        dy = A.shape[0]
-        u, s, _ = jnp.linalg.svd(A, full_matrices=True)
-        s2 = jnp.zeros(dy).at[: s.shape[0]].set(s**2)
-        scale2 = net.variances[:, 0]  # (m,)
-        cov_diag = scale2[:, None] * s2[None, :] + sigma_y**2  # (m, dy) in the U basis
-        resid = (y[None, :] - net.means @ A.T) @ u  # (m, dy)
-        log_norm = -0.5 * jnp.sum(resid**2 / cov_diag + jnp.log(cov_diag) + _LOG_2PI, axis=-1)
-        return net.log_weights + log_norm
+        """Per-component ``log w_k + log N(y; A mu_k, s_k^2 A A^T + sigma_y^2 I)``.
 
-    def log_evidence(self, A: ArrayLike, sigma_y: ArrayLike, y: ArrayLike) -> Array:
+        In the left singular basis of ``A`` the residual ``y - A mu_k`` has independent
+        coordinates of variance ``s_k^2 s_i^2 + sigma_y^2``; the part outside the coordinates
+        at hand (orthogonal to the range of an operator ``A``) has variance ``sigma_y^2``.
+        """
+        net = self._net
+        m = net.means.shape[0]
+        if isinstance(A, LinearOperator):  # its structured SVD: nothing of size d x dy
+            dy = A.out_dim
+            resid = y[None] - A(net.means.reshape(m, *A.in_shape))  # (m, *out_shape)
+            coords = A.U_T(resid)  # (m, in_dim), zero where s_i = 0
+            outside = (resid - A.U(coords)).reshape(m, dy)
+            s2 = A.singular_values**2
+        else:
+            dy = A.shape[0]
+            u, s, _ = jnp.linalg.svd(A, full_matrices=True)
+            s2 = jnp.zeros(dy).at[: s.shape[0]].set(s**2)
+            coords = (y[None, :] - net.means @ A.T) @ u  # (m, dy): every direction
+            outside = jnp.zeros((m, 0))
+        scale2 = net.variances[:, 0]  # (m,)
+        cov_diag = scale2[:, None] * s2[None, :] + sigma_y**2  # (m, n) in the U basis
+        quad = jnp.sum(coords**2 / cov_diag, axis=-1) + jnp.sum(outside**2, axis=-1) / sigma_y**2
+        # the n coordinates and the dy - n others (n may exceed dy: zero padding, s_i = 0)
+        log_det = jnp.sum(jnp.log(cov_diag), axis=-1) + (dy - s2.shape[0]) * jnp.log(sigma_y**2)
+        return net.log_weights - 0.5 * (quad + log_det + dy * _LOG_2PI)
+
+    def log_evidence(
+        self, A: ArrayLike | LinearOperator, sigma_y: ArrayLike, y: ArrayLike
+    ) -> Array:
         r"""Exact :math:`\log p(y)` for :math:`y = A x + \sigma_y \varepsilon`, :math:`x` from
-        this mixture."""
+        this mixture.
+
+        ``A`` is a ``(dy, d)`` matrix, or a :class:`~diffprior.operators.LinearOperator` with
+        ``in_dim == d`` (``y`` then shaped ``A.out_shape``), whose structured SVD is used: for an
+        image-sized ``d`` nothing of size ``d x dy`` is built.
+        """
         A, sigma_y, y = self._check_problem(A, sigma_y, y)
         return logsumexp(self._evidence_terms(A, sigma_y, y))
 
-    def posterior(self, A: ArrayLike, sigma_y: ArrayLike, y: ArrayLike) -> GaussianMixture:
+    def posterior(
+        self, A: ArrayLike | LinearOperator, sigma_y: ArrayLike, y: ArrayLike
+    ) -> GaussianMixture:
         r"""The exact posterior :math:`p(x \mid y)` of :math:`y = A x + \sigma_y \varepsilon`.
 
         Component :math:`k` has precision :math:`I/s_k^2 + A^T A/\sigma_y^2`, diagonal in the
@@ -350,17 +444,30 @@ class GaussianMixture(DiffusionPrior):
         :math:`\Sigma_k(\mu_k/s_k^2 + A^T y/\sigma_y^2)` and weight proportional to
         :math:`w_k N(y; A\mu_k, s_k^2 A A^T + \sigma_y^2 I)`. The result keeps this mixture's
         schedule, so it is itself a diffusion prior with an exact denoiser.
+
+        ``A`` is as in :meth:`log_evidence`; an operator is used through its dense
+        :meth:`~diffprior.operators.LinearOperator.matrix`, as the posterior's ``(d, d)`` basis
+        is dense anyway (small ``d`` only).
         """
         A, sigma_y, y = self._check_problem(A, sigma_y, y)
+        if isinstance(A, LinearOperator):
+            A, y = A.matrix(), y.reshape(-1)
         net = self._net
         d = self.means.shape[1]
-        _, s, vt = jnp.linalg.svd(A, full_matrices=True)
+        u, s, vt = jnp.linalg.svd(A, full_matrices=True)
         basis = vt.T  # (d, d)
-        eig = jnp.zeros(d).at[: s.shape[0]].set(s**2)  # eigenvalues of A^T A
+        rank = s.shape[0]
+        eig = jnp.zeros(d).at[:rank].set(s**2)  # eigenvalues of A^T A
+        # V^T A^T y = diag(s) U^T y, exactly zero off the range (A^T y / sigma_y^2 formed
+        # directly leaks float32 rounding of size |A^T y| / sigma_y^2 into those directions)
+        data_in_basis = jnp.zeros(d).at[:rank].set(s * (u.T @ y)[:rank])
         scale2 = net.variances[:, :1]  # (m, 1)
-        post_var = 1.0 / (1.0 / scale2 + eig[None, :] / sigma_y**2)  # (m, d) in the basis
-        rhs = net.means / scale2 + (A.T @ y)[None, :] / sigma_y**2  # (m, d)
-        post_means = ((rhs @ basis) * post_var) @ basis.T
+        sigma2 = sigma_y**2
+        # precision 1/s_k^2 + eig/sigma_y^2, written without 1/sigma_y^2 (near-noiseless y)
+        denom = sigma2 + scale2 * eig[None, :]  # (m, d)
+        post_var = scale2 * sigma2 / denom  # (m, d) in the basis
+        post_means_in_basis = (sigma2 * (net.means @ basis) + scale2 * data_in_basis) / denom
+        post_means = post_means_in_basis @ basis.T
         terms = self._evidence_terms(A, sigma_y, y)
         log_weights = terms - logsumexp(terms)
         return GaussianMixture.from_components(

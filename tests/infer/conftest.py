@@ -26,7 +26,8 @@ class MixtureRun:
     def __init__(self):
         self.problem = dp.problems.mixture_problem(jax.random.key(0), 2, 1)
         self.sampler = dp.Sampler(
-            dp.TDS(self.problem.model, ess_threshold=1.0),
+            # the guided proposal: the subspace one stays healthy at the sharp noise scale
+            dp.TDS(self.problem.model, ess_threshold=1.0, proposal="guided"),
             num_particles=SMC_PARTICLES,
             num_steps=SMC_STEPS,
             num_chains=SMC_CHAINS,

@@ -14,6 +14,8 @@ import numpyro.distributions as dist
 import pytest
 
 import diffprior as dp
+from diffprior.diffusion.sampling import ancestral_step
+from diffprior.kernels import base
 from diffprior.model import ModelError
 
 NUM_CHAINS, NUM_PARTICLES, NUM_STEPS = 2, 32, 10
@@ -406,3 +408,62 @@ def test_healthy_run_does_not_warn(tds_image):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         tds_image.run(jax.random.key(7), y=Y_IMAGE)
+
+
+# -- a method written outside the package: the kernel protocol ------------------------------------
+
+
+def _particle_kernel(denoiser, timesteps, make_info):
+    """The unguided step, built as a user would build a kernel (base.from_particle_step)."""
+
+    def particle_step(key, x_t, times):
+        return ancestral_step(key, denoiser, x_t, times.t, times.s)
+
+    return base.from_particle_step(particle_step, timesteps, make_info)
+
+
+class _UserUnguided(dp.infer.Method):
+    """A user's method: the unguided kernel with a given ``make_info`` and ``is_smc``."""
+
+    def __init__(self, model, make_info, is_smc=False):
+        super().__init__(model)
+        self.make_info = make_info
+        self.is_smc = is_smc
+
+    def build(self, prior, obs, timesteps):
+        return _particle_kernel(prior.denoiser, timesteps, self.make_info)
+
+
+def _count_only(x0_hat, times, num_nonfinite):
+    return dp.kernels.unguided.UnguidedInfo(x0_hat, num_nonfinite)
+
+
+def test_a_user_method_runs_as_the_builtin_one(gaussian):
+    """A Method subclass outside the package, with a kernel from base.from_particle_step, is run
+    like dp.Unguided: same key, same draws, no evidence, num_nonfinite kept per step."""
+    settings = {"num_particles": 16, "num_steps": 5, "num_chains": 2}
+    args, kwargs = gaussian.model_args, gaussian.model_kwargs
+    user = _sampler(_UserUnguided(gaussian.model, _count_only), **settings)
+    user.run(jax.random.key(3), *args, **kwargs)
+    builtin = _sampler(dp.Unguided(gaussian.model), **settings)
+    builtin.run(jax.random.key(3), *args, **kwargs)
+    np.testing.assert_array_equal(user.get_samples()["x"], builtin.get_samples()["x"])
+    assert user.log_evidence is None
+    stats = user.to_arviz()["sample_stats"]
+    assert stats["num_nonfinite"].shape == (2, 5)
+    assert int(stats["num_nonfinite"].sum()) == 0
+    assert stats.attrs["method"] == "_UserUnguided"
+
+
+@pytest.mark.parametrize(
+    ("make_info", "is_smc", "missing"),
+    [
+        (lambda x0_hat, times, num_nonfinite: (x0_hat,), False, "['num_nonfinite']"),
+        (_count_only, True, "['ess', 'resampled', 'log_evidence_increment', 'degenerate']"),
+    ],
+    ids=["info-without-num_nonfinite", "smc-without-smc-fields"],
+)
+def test_a_kernel_without_a_protocol_field_fails_naming_it(gaussian, make_info, is_smc, missing):
+    sampler = _sampler(_UserUnguided(gaussian.model, make_info, is_smc), num_steps=2)
+    with pytest.raises(TypeError, match=re.escape(f"lacks {missing}")):
+        sampler.run(jax.random.key(0), *gaussian.model_args, **gaussian.model_kwargs)

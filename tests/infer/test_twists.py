@@ -195,7 +195,7 @@ def test_methods_reexports_the_twist():
 # -- TDS against quadrature -----------------------------------------------------------------
 def _run_tds(model, y, num_chains, num_particles, num_steps, seed=0):
     sampler = dp.Sampler(
-        dp.TDS(model),
+        dp.TDS(model, proposal="guided"),  # the twists are those of the guided proposal
         num_particles=num_particles,
         num_steps=num_steps,
         num_chains=num_chains,
@@ -269,3 +269,26 @@ def test_laplace_evidence_is_unbiased():
     ratios = np.exp(np.asarray(sampler.log_evidence, np.float64) - log_evidence)
     se = ratios.std(ddof=1) / np.sqrt(ratios.size)
     assert abs(ratios.mean() - 1.0) < 4 * se + 0.02, f"Z_hat / Z = {ratios}"
+
+
+def test_gains_without_dense_jacobians(monkeypatch):
+    """Above the size limit the twist's gains come from Rademacher probes, not a (dy, d)
+    Jacobian: exact for inpainting (one coordinate per observation), within the probes'
+    Monte Carlo error for a blur."""
+    shape = (6, 6)
+    mask = dp.operators.random_mask(jax.random.key(0), shape, 0.5)
+    blur = dp.operators.Blur(dp.operators.gaussian_kernel(3, 1.0), shape, boundary="circular")
+    points = jax.random.normal(jax.random.key(1), (3, 36))
+    for A, rtol in ((dp.operators.Inpaint(mask), 1e-6), (blur, 0.5)):
+
+        def fn(x, A=A):
+            return jnp.tanh(A(x.reshape(shape)).reshape(-1))
+
+        dense = twists._row_norms_sq(fn, points, A.out_dim)
+        monkeypatch.setattr(twists, "MAX_JACOBIAN_ENTRIES", 0)
+        probed = twists._row_norms_sq(fn, points, A.out_dim)
+        monkeypatch.undo()
+        np.testing.assert_allclose(probed, dense, rtol=rtol)
+        # on average over observations the estimate is unbiased: within 4 standard errors
+        relative = np.asarray(probed / dense - 1.0)
+        assert abs(relative.mean()) < 4 * np.sqrt(2 / twists.NUM_GAIN_PROBES / A.out_dim) + 1e-6

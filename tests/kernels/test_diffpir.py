@@ -12,27 +12,20 @@ import pytest
 import scipy.optimize
 
 import diffprior as dp
-from diffprior.infer.methods import is_linear_gaussian
+from diffprior.infer.methods import _curvature_bound
 from diffprior.model import read_model
 
 
 def _proximal(method, problem):
-    """The method's data step, built the way the sampler builds it."""
+    """The method's data step, from the kernel module's public builders: the closed form in
+    the model's whitened SVD, or gradient steps."""
     obs = read_model(method.model, problem.model_args, problem.model_kwargs)
     method.check(obs)
-    captured = {}
-    original = dp.kernels.diffpir.as_top_level_api
-
-    def spy(denoiser, proximal_fn, timesteps, **kwargs):
-        captured["prox"] = proximal_fn
-        return original(denoiser, proximal_fn, timesteps, **kwargs)
-
-    dp.kernels.diffpir.as_top_level_api = spy
-    try:
-        method.build(problem.prior, obs, problem.prior.timesteps(10))
-    finally:
-        dp.kernels.diffpir.as_top_level_api = original
-    return captured["prox"], obs
+    if obs.is_linear_gaussian():
+        return dp.kernels.diffpir.svd_proximal(obs.linear_gaussian()), obs
+    curvature = _curvature_bound(obs)
+    steps = method.options["num_grad_steps"]
+    return dp.kernels.diffpir.gradient_proximal(obs.log_likelihood, curvature, steps), obs
 
 
 @pytest.mark.parametrize("linear", [True, False])
@@ -49,7 +42,7 @@ def test_data_step_is_the_argmin(linear):
             numpyro.sample("y", dist.StudentT(4.0, A @ x, sigma_y).to_event(1), obs=y)
 
     prox, obs = _proximal(dp.DiffPIR(model, num_grad_steps=500), problem)
-    assert is_linear_gaussian(obs) == linear
+    assert obs.is_linear_gaussian() == linear
     x0_hat = jax.random.normal(jax.random.key(1), (6,))
     rho = 2.5
 

@@ -389,3 +389,11 @@ def test_the_step_over_a_named_axis_equals_the_whole_set():
     np.testing.assert_allclose(_joined(split.log_weights), whole.log_weights, atol=1e-5)
     np.testing.assert_allclose(split.log_evidence, whole.log_evidence, atol=1e-5)
     np.testing.assert_allclose(split_info.ess, whole_info.ess, rtol=1e-5)
+
+
+def test_particle_keys_depend_on_the_global_index_only():
+    key = jax.random.key(13)
+    whole = jax.random.key_data(smc.particle_keys(key, 8))
+    split = _over_blocks(lambda w: smc.particle_keys(key, BLOCK, "particles"), jnp.zeros(8))
+    np.testing.assert_array_equal(jax.random.key_data(_joined(split)), whole)
+    assert len({tuple(row) for row in np.asarray(whole).tolist()}) == 8

@@ -222,3 +222,60 @@ def test_traced_values_are_not_checked():
     np.testing.assert_allclose(jax.jit(mean)(means, 0.5), [0.0, 1.0])
     batched = jax.vmap(mean, in_axes=(0, None))(jnp.stack([means, -means]), 0.5)
     np.testing.assert_allclose(batched, [[0.0, 1.0], [0.0, -1.0]])
+
+
+def dense_covariance(gmm) -> np.ndarray:
+    """sum_k w_k (Sigma_k + mu_k mu_k^T) - mu mu^T in float64, from the components."""
+    weights, means, covs = dense_components(gmm)
+    mean = weights @ means
+    second = np.einsum("k,kij->ij", weights, covs + means[:, :, None] * means[:, None, :])
+    return second - np.outer(mean, mean)
+
+
+def image_mixture(shape=(2, 4, 4)) -> dp.GaussianMixture:
+    """Three isotropic components with random means on a small colour image, flattened."""
+    d = int(np.prod(shape))
+    means = np.random.default_rng(7).normal(size=(3, d))
+    return dp.GaussianMixture(means, np.array([0.5, 0.3, 0.2]), np.array([0.5, 1.0, 0.8]))
+
+
+def test_variance_is_the_diagonal_of_the_covariance(mixture):
+    np.testing.assert_allclose(mixture.variance, np.diag(dense_covariance(mixture)), rtol=1e-5)
+
+
+def test_variance_of_an_image_mixture():
+    gmm = image_mixture()
+    np.testing.assert_allclose(gmm.variance, np.diag(dense_covariance(gmm)), rtol=1e-5)
+
+
+def test_variance_along_orthonormal_directions_is_the_quadratic_form(mixture):
+    """v_j^T Sigma v_j for the columns of a random orthonormal (d, r) basis, against float64
+    algebra: the isotropic formula (grid) and the dense fallback (rotated components)."""
+    d = mixture.means.shape[1]
+    full, _ = np.linalg.qr(np.random.default_rng(8).normal(size=(d, d)))
+    for directions in (full, full[:, :1]):  # all d directions, and fewer
+        expected = np.einsum("ir,ij,jr->r", directions, dense_covariance(mixture), directions)
+        got = mixture.variance_along(lambda x, q=directions: x @ jnp.asarray(q, jnp.float32))
+        np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_variance_along_an_operators_right_singular_vectors():
+    """With an operator's V_T on a colour image: v_j^T Sigma v_j for the columns of its dense
+    V (V applied to the unit vectors), for every right singular vector."""
+    shape = (2, 4, 4)
+    gmm = image_mixture(shape)
+    A = dp.operators.Blur(np.full((2, 2), 0.25), shape)
+    got = gmm.variance_along(lambda x: A.V_T(x.reshape(-1, *shape)))
+    d = gmm.means.shape[1]
+    right = np.asarray(A.V(np.eye(d, dtype=np.float32)), np.float64).reshape(d, d).T  # v_j
+    expected = np.einsum("ir,ij,jr->r", right, dense_covariance(gmm), right)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_variance_along_refuses_a_dense_covariance_in_high_dimension():
+    d = 4097
+    variances = np.ones((2, d), np.float32)
+    variances[:, 0] = 2.0  # not isotropic
+    gmm = dp.GaussianMixture.from_components(np.zeros((2, d)), np.log([0.5, 0.5]), variances)
+    with pytest.raises(ValueError, match=r"non-isotropic.*d = 4097 > 4096"):
+        gmm.variance_along(lambda x: x[:, :3])

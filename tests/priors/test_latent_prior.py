@@ -13,7 +13,6 @@ import numpyro.distributions as dist
 import pytest
 
 import diffprior as dp
-from diffprior.infer.methods import is_linear_gaussian
 from diffprior.model import read_model
 
 #: A linear decoder R^2 -> R^4 (full column rank), so that posteriors stay exact.
@@ -132,9 +131,9 @@ def test_linear_gaussian_structure_is_judged_through_the_decoder():
     """PiGDM and DiffPIR use their closed forms only when y is linear-Gaussian in z."""
     linear = read_model(make_model(latent_prior()), kwargs={"y": Y})
     nonlinear = read_model(make_model(latent_prior(nonlinear_decoder)), kwargs={"y": Y})
-    assert is_linear_gaussian(nonlinear)  # linear in the image x ...
-    assert not is_linear_gaussian(nonlinear.in_latent_space())  # ... not in z
-    assert is_linear_gaussian(linear.in_latent_space())
+    assert nonlinear.is_linear_gaussian()  # linear in the image x ...
+    assert not nonlinear.in_latent_space().is_linear_gaussian()  # ... not in z
+    assert linear.in_latent_space().is_linear_gaussian()
 
 
 # -- the Sampler on a latent prior ---------------------------------------------------------------
