@@ -346,6 +346,12 @@ class TDS(Method):
 class FK(Method):
     r"""Feynman-Kac steering (:mod:`diffprior.kernels.fk`).
 
+    ``proposal="subspace"`` is :class:`TDS`'s subspace proposal (linear Gaussian models
+    only; the same kernel, so the same samples for the same key): the posterior with the
+    model's own likelihood, so it needs the ``"difference"`` potential, ``lam=1``, no
+    ``reward``, ``resample_every=1``, ``scale=1``, ``variance_inflation="jacobian"`` and
+    ``eta > 0``, and refuses anything else.
+
     Parameters
     ----------
     potential
@@ -365,12 +371,6 @@ class FK(Method):
     scale, eta, variance_inflation
         As for :class:`TDS`. ``FK(model, potential="difference", proposal="guided")`` is
         exactly ``TDS(model, proposal="guided")``.
-
-    ``proposal="subspace"`` is :class:`TDS`'s subspace proposal (linear Gaussian models
-    only; the same kernel, so the same samples for the same key): the posterior with the
-    model's own likelihood, so it needs the ``"difference"`` potential, ``lam=1``, no
-    ``reward``, ``resample_every=1``, ``scale=1``, ``variance_inflation="jacobian"`` and
-    ``eta > 0``, and refuses anything else.
     """
 
     is_smc = True
