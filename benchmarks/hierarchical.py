@@ -4,7 +4,8 @@ process.
 
     python benchmarks/hierarchical.py [--dims 8 80] [--num-warmup 300] [--num-samples 500]
         [--num-chains 4] [--num-particles 64] [--num-steps 30] [--problems noise gain]
-        [--samplers ParticleGibbs PMMH NUTS] [--out benchmarks/results/hierarchical.md]
+        [--samplers ParticleGibbs PMMH NUTS] [--marginal-moves 0 1]
+        [--out benchmarks/results/hierarchical.md]
 
 Problems (prior: four Gaussian components on a 2-d grid embedded in d dimensions; A a
 16 x d Gaussian matrix; y from a prior draw):
@@ -19,6 +20,8 @@ right), ESS of theta, split R-hat, the largest error of E[x | y] over coordinate
 standard errors, and effective samples of theta per second of the second run (the first
 compiles; the table gives both wall times). NUTS on theta uses ``numpyro.factor`` with the exact
 log-evidence: the answer when the evidence is known, which it is not for a trained network.
+Particle Gibbs runs once per value of ``--marginal-moves`` (its marginal moves of theta and x
+together per iteration, 0 for none), with the mean acceptance rate of those moves.
 """
 
 from __future__ import annotations
@@ -128,9 +131,10 @@ def run(kernel, problem: dict, args) -> dict:
         progress_bar=False,
     )
     times = []
+    extra_fields = ("marginal_accept_prob",) if isinstance(kernel, dp.ParticleGibbs) else ()
     for seed in (1, 2):
         start = time.perf_counter()
-        mcmc.run(jax.random.key(seed), problem["A"], y=problem["y"])
+        mcmc.run(jax.random.key(seed), problem["A"], y=problem["y"], extra_fields=extra_fields)
         jax.block_until_ready(mcmc.get_samples())
         times.append(time.perf_counter() - start)
     samples = mcmc.get_samples(group_by_chain=True)
@@ -147,7 +151,10 @@ def run(kernel, problem: dict, args) -> dict:
         "second_s": times[1],
         "ess_per_s": ess / times[1],
         "x_error": float("nan"),
+        "accept": float("nan"),
     }
+    if extra_fields:
+        row["accept"] = float(np.mean(mcmc.get_extra_fields()["marginal_accept_prob"]))
     if "x" in samples:
         x = np.asarray(samples["x"])
         ess_x = np.asarray(effective_sample_size(x))
@@ -168,13 +175,29 @@ def main() -> None:
     parser.add_argument(
         "--samplers", nargs="+", default=["ParticleGibbs", "PMMH", "NUTS"], help="which to run"
     )
+    parser.add_argument(
+        "--marginal-moves",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="ParticleGibbs's marginal_moves: one row per value",
+    )
     parser.add_argument("--out", default="benchmarks/results/hierarchical.md")
     args = parser.parse_args()
 
+    def particle_gibbs(moves):
+        return lambda model: dp.ParticleGibbs(
+            model,
+            num_particles=args.num_particles,
+            num_steps=args.num_steps,
+            marginal_moves=moves,
+        )
+
     samplers = {
-        "ParticleGibbs": lambda model: dp.ParticleGibbs(
-            model, num_particles=args.num_particles, num_steps=args.num_steps
-        ),
+        **{
+            f"ParticleGibbs, marginal_moves={moves}": particle_gibbs(moves)
+            for moves in args.marginal_moves
+        },
         "PMMH (TDS)": lambda model: dp.PMMH(
             model, "tds", num_particles=args.num_particles, num_steps=args.num_steps
         ),
@@ -190,6 +213,7 @@ def main() -> None:
             + [f"--num-chains {args.num_chains}", f"--num-particles {args.num_particles}"]
             + [f"--num-steps {args.num_steps}"]
             + [f"--problems {' '.join(args.problems)}", f"--samplers {' '.join(args.samplers)}"]
+            + [f"--marginal-moves {' '.join(map(str, args.marginal_moves))}"]
         )
         + f"` on {platform.machine()} CPU ({jax.default_backend()}), JAX {jax.__version__}.",
         "",
@@ -199,11 +223,12 @@ def main() -> None:
         "the effective sample size (a right sampler gives about 0.9, and below 1.6 in 99% of "
         "runs). `E[x] err`: the largest error of the posterior mean of x over coordinates, in "
         "Monte Carlo standard errors. `ESS/s`: effective draws of theta per second of the "
-        "second run (the first compiles).",
+        "second run (the first compiles). `marginal acc.`: mean acceptance rate of particle "
+        "Gibbs's marginal moves.",
         "",
         "| d | theta | sampler | KS D | sqrt(ESS) D | ESS | R-hat | E[x] err (SE) "
-        "| 1st run s | 2nd run s | ESS/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| 1st run s | 2nd run s | ESS/s | marginal acc. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dim in args.dims:
         for kind in args.problems:
@@ -221,7 +246,7 @@ def main() -> None:
                     f"| {dim} | {problem['name']} | {label} | {row['ks']:.3f} | "
                     f"{row['ks_scaled']:.2f} | {row['ess']:.0f} | {row['rhat']:.3f} | "
                     f"{row['x_error']:.1f} | {row['first_s']:.0f} | {row['second_s']:.0f} | "
-                    f"{row['ess_per_s']:.1f} |"
+                    f"{row['ess_per_s']:.1f} | {row['accept']:.2f} |"
                 )
                 print(
                     f"{line}  theta mean {row['theta_mean']:.3f} (exact {problem['theta_mean']:.3f})",

@@ -14,7 +14,8 @@ Scenarios (``--scenario``):
   per chain and the sliced Wasserstein distance of the samples to exact posterior draws over
   the floor (two exact sets).
 - ``mixture``: ``dp.problems.mixture_problem(key(seed), d, dy)`` as is (e.g. d = 4096, 2048
-  observations), scored as ``noiseless``.
+  observations), scored as ``noiseless``; ``--calibrate N`` first calibrates the prior on N of
+  its own draws (``dp.calibrate``).
 
 Example: ``python benchmarks/tds_regimes.py --scenario image --size 32 --proposals guided
 subspace``. Prints one markdown row per (scenario, proposal).
@@ -128,6 +129,10 @@ def noiseless(args):
 def mixture(args):
     problem = dp.problems.mixture_problem(jax.random.key(args.seed), args.dim, args.obs)
     label = f"mixture d={args.dim}, {args.obs} obs, sigma {float(problem.sigma_y):.3g}"
+    if args.calibrate:
+        draws = problem.prior.sample(jax.random.key(123), (args.calibrate,))
+        problem = problem._replace(prior=dp.calibrate(problem.prior, draws))
+        label += f", calibrated on {args.calibrate} prior draws"
     _score_mixture(label, problem, args, args.seed)
 
 
@@ -144,6 +149,12 @@ def main():
     parser.add_argument("--obs", type=int, default=2, help="observations (mixture)")
     parser.add_argument("--seed", type=int, default=0, help="problem seed (mixture)")
     parser.add_argument("--sigma", type=float, default=0.05, help="noise scale (image, noiseless)")
+    parser.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        help="mixture: calibrate the prior on this many of its own draws (dp.calibrate) first",
+    )
     parser.add_argument("--particles", type=int, default=512)
     parser.add_argument("--chains", type=int, default=2)
     parser.add_argument("--steps", type=int, default=100)

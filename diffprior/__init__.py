@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from diffprior import diagnostics, diffusion, kernels, operators, pretrained, problems, schedules
 from diffprior.baselines import compare, plot_compare  # also binds dp.baselines
+from diffprior.calibration import calibrate
 from diffprior.diagnostics import plot_smc, smc_health, to_arviz
 from diffprior.diffusion import Denoiser
 from diffprior.infer import DPS, FK, TDS, DiffPIR, MCGdiff, PiGDM, ReSample, Sampler, Unguided
@@ -43,6 +44,7 @@ __all__ = [
     "baselines",
     "compare",
     "plot_compare",
+    "calibrate",
     "to_arviz",
     "smc_health",
     "plot_smc",

@@ -34,9 +34,11 @@ Other likelihoods are left unchanged.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,7 +57,9 @@ from diffprior.types import Array, ArrayLike
 
 __all__ = [
     "ModelError",
+    "ModelReader",
     "ObservationModel",
+    "arguments_key",
     "inflate_variance",
     "model_arguments",
     "read_model",
@@ -689,6 +693,42 @@ def read_model(
     >>> round(float(obs.log_likelihood(jnp.zeros(2))), 4)  # log N(1; 0, 0.5^2)
     -2.2258
     """
+    return _read_model(model, args, kwargs, require_observation=require_observation)[0]
+
+
+class _Structure(NamedTuple):
+    """What :func:`read_model` finds that the observed values cannot change: every sample
+    site's name and kind in the model's order (:func:`_site_kinds`) and the likelihood sites
+    whose density depends on ``x`` (provenance tracking, the costly part of a read)."""
+
+    site_kinds: tuple[tuple[str, str], ...]
+    depends: frozenset[str]
+
+
+def _site_kinds(sample_sites: Sequence[Mapping[str, Any]]) -> tuple[tuple[str, str], ...]:
+    def kind(site: Mapping[str, Any]) -> str:
+        if is_diffusion_prior(site["fn"]):
+            return "prior"
+        if _is_factor(site):
+            return "factor"
+        return "observed" if site["is_observed"] else "latent"
+
+    return tuple((site["name"], kind(site)) for site in sample_sites)
+
+
+def _read_model(
+    model: Callable,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None,
+    *,
+    require_observation: bool,
+    known: _Structure | None = None,
+) -> tuple[ObservationModel, _Structure, tuple[Any, ...]]:
+    """:func:`read_model`, every check included; also the structure it found and the values
+    of the sites in :attr:`ObservationModel.observed` as the model passed them (``obs=``;
+    those of the fixed sites, parameters of the likelihood, are not among them). With ``known`` (the structure of an earlier
+    read of ``model`` with arguments of the same :func:`arguments_key`) the provenance
+    tracking is skipped when the model's sample sites are the ones ``known`` lists."""
     args = tuple(args)
     kwargs = dict(kwargs or {})
     sample_sites = sample_sites_at_zeros(model, args, kwargs)
@@ -750,33 +790,135 @@ def read_model(
         )
 
     observed = {site["name"]: _check_observed(site) for site in observed_sites}
-    candidate = ObservationModel(
-        model,
-        args,
-        kwargs,
-        prior_site["name"],
-        prior,
-        observed,
-        likelihood_sites=[site["name"] for site in sample_sites if site["is_observed"]],
-    )
-    depends = _sites_depending_on_x(candidate) if candidate.likelihood_sites else set()
-    fixed = [name for name in candidate.likelihood_sites if name not in depends]
-    if len(fixed) == len(candidate.likelihood_sites) and require_observation:
+    likelihood_sites = [site["name"] for site in sample_sites if site["is_observed"]]
+    site_kinds = _site_kinds(sample_sites)
+    if known is not None and known.site_kinds == site_kinds:
+        depends = known.depends
+    else:
+        candidate = ObservationModel(
+            model,
+            args,
+            kwargs,
+            prior_site["name"],
+            prior,
+            observed,
+            likelihood_sites=likelihood_sites,
+        )
+        depends = frozenset(_sites_depending_on_x(candidate) if likelihood_sites else ())
+    fixed = [name for name in likelihood_sites if name not in depends]
+    if len(fixed) == len(likelihood_sites) and require_observation:
         raise ModelError(
             f"no observed site depends on the DiffusionPrior site {prior_site['name']!r} "
-            f"(observed: {list(candidate.likelihood_sites)}), so there is nothing to condition "
+            f"(observed: {likelihood_sites}), so there is nothing to condition "
             "it on; to draw from the prior through the model, use dp.Unguided(model)"
         )
-    return ObservationModel(
+    obs = ObservationModel(
         model,
         args,
         kwargs,
         prior_site["name"],
         prior,
         {name: value for name, value in observed.items() if name not in fixed},
-        likelihood_sites=[name for name in candidate.likelihood_sites if name not in fixed],
+        likelihood_sites=[name for name in likelihood_sites if name not in fixed],
         fixed_sites=[name for name in fixed if name not in factors],
     )
+    passed = tuple(site["value"] for site in observed_sites if site["name"] in obs.observed)
+    return obs, _Structure(site_kinds, depends), passed
+
+
+def arguments_key(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> Hashable | None:
+    """What of a model's arguments a read of the model may depend on beyond the arrays' values:
+    their tree structure, every non-array leaf (with its type) and every array's shape and
+    dtype, the split ``eqx.partition((args, kwargs), eqx.is_array)`` makes for a compiled
+    program. ``None`` when a non-array leaf cannot be hashed.
+
+    Examples
+    --------
+    >>> y = jnp.zeros(3)
+    >>> arguments_key((1.0,), {"y": y}) == arguments_key((1.0,), {"y": y + 1.0})
+    True
+    >>> arguments_key((1.0,), {"y": y}) == arguments_key((2.0,), {"y": y})
+    False
+    >>> arguments_key((1.0,), {"y": y}) == arguments_key((1.0,), {"y": jnp.zeros(4)})
+    False
+    """
+    leaves, treedef = jax.tree_util.tree_flatten((tuple(args), dict(kwargs or {})))
+    parts = tuple(
+        (
+            "array",
+            tuple(np.shape(leaf)),
+            np.dtype(leaf.dtype),
+            bool(getattr(leaf, "weak_type", False)),
+        )
+        if eqx.is_array(leaf)
+        else ("static", type(leaf), leaf)
+        for leaf in leaves
+    )
+    key = (treedef, parts)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+class ModelReader:
+    """:func:`read_model` for one model read again with new values, as
+    :class:`~diffprior.Sampler` does at every run.
+
+    Which likelihood sites depend on the DiffusionPrior site is found by provenance tracking
+    through the model's jaxpr, the costly part of a read; it depends on the model and on its
+    arguments' :func:`arguments_key` (structure, non-array values, array shapes and dtypes),
+    not on the arrays' values. The reader keeps it for the last ``max_entries`` keys. A read
+    with a kept key traces the model once, as :func:`read_model` does, and makes every check
+    of :func:`read_model` on the new values (observed values finite and of the site's shape,
+    distribution parameters within their constraints, the model's sites); it skips the
+    provenance tracking only when the model's sample sites (names and kinds) are the ones read
+    before. This holds for a model that is traceable by ``jax.jit`` in its array arguments, as
+    the compiled run of :class:`~diffprior.Sampler` requires: no Python ``if`` on their values.
+
+    ``observed_values`` holds the values of the last read's
+    :attr:`ObservationModel.observed` sites as the model passed them (``obs=``).
+
+    Examples
+    --------
+    >>> import numpyro, numpyro.distributions as dist
+    >>> import diffprior as dp
+    >>> prior = dp.GaussianMixture(jnp.zeros((1, 2)), jnp.ones(1))
+    >>> def model(y=None):
+    ...     x = numpyro.sample("x", prior)
+    ...     numpyro.sample("y", dist.Normal(x[0], 0.5), obs=y)
+    >>> reader = ModelReader(model)
+    >>> first = reader((), {"y": jnp.array(1.0)})
+    >>> float(reader((), {"y": jnp.array(2.0)}).observed["y"])  # provenance kept, not tracked
+    2.0
+    >>> reader((), {"y": jnp.array(jnp.nan)})
+    Traceback (most recent call last):
+    ...
+    diffprior.model.ModelError: site 'y': observed value has 1 NaN and 0 inf entries (out of 1); every observation must be finite (mask missing entries with numpyro.handlers.mask or drop them)
+    """
+
+    def __init__(self, model: Callable, *, require_observation: bool = True, max_entries: int = 8):
+        self.model = model
+        self.require_observation = require_observation
+        self.max_entries = int(max_entries)
+        self.observed_values: tuple[Any, ...] = ()
+        self._structures: OrderedDict[Hashable, _Structure] = OrderedDict()
+
+    def __call__(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
+    ) -> ObservationModel:
+        key = arguments_key(args, kwargs)
+        known = None if key is None else self._structures.get(key)
+        obs, structure, self.observed_values = _read_model(
+            self.model, args, kwargs, require_observation=self.require_observation, known=known
+        )
+        if key is not None:
+            self._structures[key] = structure
+            self._structures.move_to_end(key)
+            while len(self._structures) > self.max_entries:
+                self._structures.popitem(last=False)
+        return obs
 
 
 def _sites_depending_on_x(obs: ObservationModel) -> set[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -156,7 +157,12 @@ class Method:
         """Checks on the concrete model (``obs``, as :meth:`build` gets it) before anything is
         compiled: raise :class:`~diffprior.model.ModelError` for a model the method cannot
         sample. It may also record what :meth:`build` needs to know about the model (PiGDM and
-        DiffPIR record whether it is linear Gaussian). The default accepts every model."""
+        DiffPIR record whether it is linear Gaussian). The default accepts every model.
+
+        The checks of diffprior's own methods read the model's structure and parameters, never
+        the observed values: :meth:`~diffprior.Sampler.run` skips them on a rerun whose
+        arguments differ from the last run's only in the observed values. A check defined
+        outside this module runs at every run."""
 
     def resampling_fn(self) -> Callable:
         """The scheme of the final equal-weight resampling of an SMC method's particles, a
@@ -536,6 +542,14 @@ def _subspace_kernel(prior, obs, timesteps, options, **mcgdiff_options) -> Sampl
     ``resampling`` from ``options``: :class:`MCGdiff`, and TDS's and FK's subspace proposal."""
     svd = obs.linear_gaussian()
     data_mean, data_variance = _moments_along(prior, svd)
+    calibration = getattr(prior, "calibration", None)
+    if calibration is not None:
+        data_variance = _calibrated_variance(prior, svd, timesteps, data_variance)
+        mcgdiff_options = {
+            "twist_shrinkage": jax.vmap(calibration.shrinkage_at)(timesteps),
+            "twist_centre": svd.V_T(jnp.reshape(calibration.mean, (1, *prior.latent_shape)))[0],
+            **mcgdiff_options,
+        }
     return mcgdiff.from_linear_gaussian(
         prior.denoiser,
         timesteps,
@@ -916,11 +930,40 @@ def _moments_along(prior: DiffusionPrior, svd: WhitenedSVD) -> tuple[Array, Arra
         variance = variance_along(lambda v: svd.V_T(v.reshape((-1, *event_shape))))
         return mean, jnp.reshape(variance, (svd.dim,))
     per_coordinate = jnp.broadcast_to(jnp.asarray(prior.variance), event_shape)
+    return mean, _variance_along(svd, per_coordinate)
+
+
+def _variance_along(svd: WhitenedSVD, per_coordinate: Array) -> Array:
+    """``(r,)`` the variance along each right coordinate of ``svd`` of independent coordinates
+    with variances ``per_coordinate`` (exact for a dense or a permutation basis, else their
+    mean)."""
     basis = getattr(svd.basis, "op", svd.basis)  # an operator behind a reshaping adapter
     if isinstance(basis, lg._DenseBasis):
-        variance = (basis.columns**2).T @ per_coordinate.reshape(-1)
-    elif isinstance(basis, Inpaint):
-        variance = svd.V_T(per_coordinate)
-    else:
-        variance = jnp.full((svd.dim,), jnp.mean(per_coordinate))
-    return mean, variance
+        return (basis.columns**2).T @ per_coordinate.reshape(-1)
+    if isinstance(basis, Inpaint):
+        return jnp.reshape(svd.V_T(per_coordinate), (svd.dim,))
+    return jnp.full((svd.dim,), jnp.mean(per_coordinate))
+
+
+def _calibrated_variance(
+    prior: DiffusionPrior, svd: WhitenedSVD, timesteps: Array, data_variance: Array
+) -> Array:
+    r"""``(K + 1, r)``: at each grid time, the data variance along each direction whose Tweedie
+    spread :math:`v \sigma_t^2 / (lpha_t^2 v + \sigma_t^2)` is the calibrated
+    :math:`r_t^2` (:func:`diffprior.calibrate`), so that MCGdiff's potentials and twist use
+    the measured spread of :math:`\hat x_0` instead of that of Gaussian data. Where the
+    measured spread is at or above the trivial one (:math:`\sigma_t^2 / lpha_t^2`, the
+    network no better than :math:`x_t / lpha_t`) it is capped at ten times the prior's."""
+    schedule = prior.schedule
+    event_shape = tuple(prior.latent_shape)
+    cap = 10.0 * jnp.maximum(data_variance, jnp.finfo(jnp.float32).tiny)
+
+    def at(t):
+        r2 = _variance_along(svd, jnp.reshape(prior.calibration.variance_at(t), event_shape))
+        alpha2, sigma2 = schedule.alpha(t) ** 2, schedule.sigma(t) ** 2
+        room = sigma2 - alpha2 * r2
+        v = jnp.where(room > 0, r2 * sigma2 / jnp.where(room > 0, room, 1.0), cap)
+        # at t = 0 the spread is 0 whatever v: keep the prior's (the last step's spread)
+        return jnp.where(t > 0, jnp.minimum(v, cap), data_variance)
+
+    return jax.vmap(at)(timesteps)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Hashable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -25,7 +26,7 @@ from diffprior.diffusion.grids import timesteps as make_timesteps
 from diffprior.infer import sharding
 from diffprior.infer.methods import Method
 from diffprior.kernels.base import INFO_FIELDS, SMC_INFO_FIELDS
-from diffprior.model import model_arguments, read_model
+from diffprior.model import ModelReader, arguments_key, model_arguments, read_model
 from diffprior.types import PRNGKey
 
 __all__ = ["Sampler", "ParticleResults", "CHAIN_METHODS", "ProgressBar", "as_key"]
@@ -201,6 +202,8 @@ class Sampler(ParticleResults):
         self._progress = ProgressBar()
         self._num_compilations = 0
         self._compiled = eqx.filter_jit(self._run_impl)
+        self._reader = ModelReader(method.model, require_observation=method.requires_observation)
+        self._checked: _CheckedRun | None = None
         self._result: dict[str, Any] | None = None
         self._obs = None
         self.seconds: float | None = None
@@ -309,16 +312,26 @@ class Sampler(ParticleResults):
         The model is read and checked first (clear errors before any sampling). A second call
         with arrays of the same shapes reuses the compiled program. Lists of numbers among the
         model's arguments are made arrays (:func:`~diffprior.model.model_arguments`).
+
+        Repeated runs with new values skip the work that only the arguments' structure decides
+        (:func:`~diffprior.model.arguments_key`: non-array arguments, array shapes and dtypes,
+        the split that keys the compiled program). The Sampler keeps, for its last 8 such
+        keys, which observed sites depend on the DiffusionPrior site
+        (:class:`~diffprior.model.ModelReader`); every run still traces the model once and
+        checks its values (NaN or inf or a wrong shape in an observation, a distribution
+        parameter breaking its constraint, such as a Normal scale <= 0). The method's
+        :meth:`~diffprior.infer.Method.check` (e.g. whether the model is linear Gaussian) runs
+        again unless the last successful run had the same key and prior and differs only in
+        the observed values (``obs=``) and the method is one of diffprior's, whose checks
+        never read observed values; any other array argument that changed (a forward operator,
+        a noise scale) runs it again.
         """
         rng_key = as_key(rng_key)
         args, kwargs = model_arguments(args, kwargs)
-        obs = read_model(
-            self.method.model,
-            args,
-            kwargs,
-            require_observation=self.method.requires_observation,
-        )
-        self.method.check(obs.in_latent_space())
+        obs = self._reader(args, kwargs)
+        checked = _CheckedRun.of(args, kwargs, obs.prior, self._reader.observed_values)
+        if not (_check_ignores_observations(self.method) and checked.same_as(self._checked)):
+            self.method.check(obs.in_latent_space())
         self._obs = obs
         dynamic, static = eqx.partition((args, kwargs), eqx.is_array)
         if self.progress_bar:
@@ -331,6 +344,7 @@ class Sampler(ParticleResults):
             self._progress.close()
         self.seconds = time.perf_counter() - start
         self._result = result
+        self._checked = checked  # its compiled program exists: a rerun may skip the check
         degenerate = result["per_step"].get("degenerate")
         if degenerate is not None and bool(jnp.any(degenerate)):
             steps = np.flatnonzero(np.asarray(jnp.any(degenerate, axis=1)))
@@ -403,6 +417,54 @@ class Sampler(ParticleResults):
         from diffprior.diagnostics import to_datatree
 
         return to_datatree(self, self._require_result(), self._obs)
+
+
+class _CheckedRun(NamedTuple):
+    """What a method's check read on a run, besides the observed values: the arguments'
+    :func:`~diffprior.model.arguments_key`, the prior, and every other array argument with
+    its position among the flattened arguments (NumPy arrays copied, as they can change in
+    place)."""
+
+    key: Hashable | None
+    prior: Any
+    arrays: tuple[tuple[int, Any], ...]
+
+    @classmethod
+    def of(cls, args, kwargs, prior, observed_values) -> _CheckedRun:
+        observed = {id(value) for value in observed_values}
+        leaves = jax.tree_util.tree_leaves((tuple(args), dict(kwargs)))
+        arrays = tuple(
+            (position, np.array(leaf) if isinstance(leaf, np.ndarray | np.generic) else leaf)
+            for position, leaf in enumerate(leaves)
+            if eqx.is_array(leaf) and id(leaf) not in observed
+        )
+        return cls(arguments_key(args, kwargs), prior, arrays)
+
+    def same_as(self, other: _CheckedRun | None) -> bool:
+        """Whether a check's outcome on ``other`` holds here: same key, same prior object, the
+        same positions of non-observed arrays with equal values."""
+        if other is None or self.key is None or self.key != other.key:
+            return False
+        if self.prior is not other.prior or len(self.arrays) != len(other.arrays):
+            return False
+        for (position, value), (other_position, other_value) in zip(
+            self.arrays, other.arrays, strict=True
+        ):
+            if position != other_position:
+                return False
+            if value is not other_value and not np.array_equal(
+                np.asarray(value), np.asarray(other_value)
+            ):
+                return False
+        return True
+
+
+def _check_ignores_observations(method: Method) -> bool:
+    """Whether the method's check is one of diffprior's (:mod:`diffprior.infer.methods`):
+    those read the model's structure and parameters (linearity, noise family, rank, sizes),
+    never the observed values, so their outcome holds for new observed values. A user's
+    check may read them: it runs at every run."""
+    return getattr(type(method).check, "__module__", None) == Method.__module__
 
 
 def _step_summary(info, is_smc: bool) -> dict[str, jax.Array]:

@@ -23,6 +23,10 @@ a Bernoulli, the log-rate of a Poisson, ...): :math:`\eta_i(x_0)` then has varia
   :math:`s_i^2` is the likelihood's width in the location's units (:class:`Tempered`). For a
   Gaussian likelihood this is the variance inflation above up to a constant.
 
+A prior calibrated on data (:func:`diffprior.calibrate`) replaces :math:`r_t^2` by the spread
+measured there (averaged over coordinates) and :math:`\hat x_0` by the shrunk estimate
+:math:`m + a_t (\hat x_0 - m)` the calibration fitted.
+
 At :math:`t = 0`, :math:`v_i = 0` and every twist is the model's own likelihood, so TDS and FK
 stay asymptotically exact whatever the approximation (the twists telescope); the smoothing only
 lowers the variance of the weights. A likelihood none of these cover (a multivariate one, a
@@ -543,15 +547,22 @@ def likelihood_twist(
         return lambda x0_hat, t: obs.log_likelihood(x0_hat)
     schedule = prior.schedule
     data_variance = jnp.mean(prior.variance)
+    calibration = getattr(prior, "calibration", None)
 
     def r2_at(t):
+        if calibration is not None:  # the spread measured on data (diffprior.calibrate)
+            return jnp.where(t > 0, calibration.mean_variance_at(t), 0.0)
         return jnp.where(t > 0, tweedie_variance(schedule, t, data_variance), 0.0)
+
+    def centre(x0_hat, t):
+        # a calibrated prior's twist follows the shrunk estimate m + a_t (x0_hat - m)
+        return x0_hat if calibration is None else calibration.estimate(x0_hat, t)
 
     if construction == "monte_carlo":
         draws = jax.random.normal(jax.random.key(0), (_NUM_DRAWS, *obs.event_shape))
 
         def twist_fn(x0_hat, t):
-            shifted = x0_hat + jnp.sqrt(r2_at(t)) * draws
+            shifted = centre(x0_hat, t) + jnp.sqrt(r2_at(t)) * draws
             values = jax.vmap(obs.log_likelihood)(shifted)
             return jax.nn.logsumexp(values) - math.log(_NUM_DRAWS)
 
@@ -566,6 +577,6 @@ def likelihood_twist(
     def twist_fn(x0_hat, t):
         r2 = r2_at(t)
         variance = {name: r2 * gain for name, gain in gains.items()}
-        return _smoothed_log_likelihood(obs, x0_hat, variance, construction)
+        return _smoothed_log_likelihood(obs, centre(x0_hat, t), variance, construction)
 
     return twist_fn

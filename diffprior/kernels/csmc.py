@@ -46,7 +46,8 @@ the twist's value and gradient come from :func:`diffprior.kernels.guidance.poten
 weights are kept with :func:`diffprior.kernels.smc.reweight`, and a proposal that is not
 finite is kept at its parent with weight zero (:mod:`diffprior.kernels.base`).
 ``reference=None`` runs the same sweep without a reference: plain twisted SMC with
-multinomial resampling every step, which starts a chain.
+multinomial resampling every step, which starts a chain (and proposes the marginal moves of
+:class:`diffprior.ParticleGibbs`, whose acceptance ratio takes both sweeps' ``log_evidence``).
 
 Examples
 --------
@@ -106,8 +107,11 @@ class CSMCInfo(NamedTuple):
         ``(num_steps,)`` the ancestor drawn for the reference at each step (0 is the
         reference's own history; other values are where ancestor sampling moved it).
     log_evidence
-        The sweep's estimate of :math:`\\log p(y)` (conditional on the reference, so only a
-        diagnostic).
+        The sweep's estimate of :math:`\\log p(y)`, :math:`\\log \\prod_k \\frac1N \\sum_i
+        w_k^i` over every particle, the reference's weight computed like any other's. Unbiased
+        (in :math:`p(y)`) for an unconditional sweep; for a conditional one without ancestor
+        sampling it is the estimate of the state of particle MCMC's extended target that the
+        sweep draws, which the marginal moves of :class:`diffprior.ParticleGibbs` use.
     degenerate
         Whether every particle had weight zero at some step.
     num_nonfinite

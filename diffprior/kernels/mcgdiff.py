@@ -199,6 +199,12 @@ def potential_plan(
     )
 
 
+def _per_time(data_variance: ArrayLike, num_times: int, shape: tuple[int, ...]) -> Array:
+    """``data_variance`` as ``(num_times, *shape)``: a ``(num_times, r)`` array is one row per
+    grid time (a calibrated prior), anything else is the same at every time."""
+    return jnp.broadcast_to(jnp.asarray(data_variance, jnp.float32), (num_times, *shape))
+
+
 def check_options(potential: str, twisted: bool) -> None:
     """Raise a clear error for a ``potential`` / ``twisted`` pair the kernel cannot run."""
     if potential not in POTENTIALS:
@@ -272,9 +278,21 @@ def init(
 class Twist(NamedTuple):
     r"""The twist :math:`h_k(x) = \prod_i N(\tilde y_i;\ (V^T \hat x_0(x))_i,\ e_{k,i})`
     with ``variance`` ``(K + 1, r)`` :math:`e_{k,i} = c_i^2 + \mathrm{Var}[\bar x_{0,i} \mid
-    x_{t_k}]`."""
+    x_{t_k}]`. With ``shrinkage`` ``(K + 1,)`` :math:`a_k` and ``centre`` ``(r,)`` :math:`\bar
+    m` (a calibrated prior, :func:`diffprior.calibrate`) the twist's mean is the shrunk
+    :math:`\bar m + a_k (V^T \hat x_0 - \bar m)`; :math:`a_K = 1` keeps the last twist the
+    likelihood."""
 
     variance: Array
+    shrinkage: Array | None = None
+    centre: Array | None = None
+
+    def coords(self, basis, x0_hat: Array, k: Array) -> Array:
+        """The twist's mean at grid index ``k`` for estimates ``x0_hat`` ``(N, ...)``."""
+        coords = _project(basis, x0_hat)
+        if self.shrinkage is None:
+            return coords
+        return self.centre + self.shrinkage[k] * (coords - self.centre)
 
 
 def _log_correction(twist, basis, pseudo_obs, x0_hat, log_potential, k, is_last, active):
@@ -282,7 +300,7 @@ def _log_correction(twist, basis, pseudo_obs, x0_hat, log_potential, k, is_last,
     directions; zero at the last step (both are the likelihood there) and without a twist."""
     if twist is None:
         return jnp.zeros_like(log_potential)
-    terms = _log_normal(pseudo_obs, _project(basis, x0_hat), twist.variance[k])
+    terms = _log_normal(pseudo_obs, twist.coords(basis, x0_hat, k), twist.variance[k])
     twist_sum = jnp.sum(jnp.where(active, terms, 0.0), axis=-1)
     return jnp.where(is_last, 0.0, twist_sum - log_potential)
 
@@ -313,9 +331,9 @@ def build_kernel(
     last_step = timesteps.shape[0] - 2
     # the last reverse step of a network without local variance is deterministic; a pinned
     # (noiseless) coordinate needs its spread Var[x0 | x_t1] for the weights to exist
-    last_variance = tweedie_variance(
-        denoiser.schedule, timesteps[-2], jnp.mean(jnp.asarray(data_variance))
-    )
+    variance_rows = jnp.asarray(data_variance, jnp.float32)
+    last_row = variance_rows[-2] if variance_rows.ndim == 2 else variance_rows
+    last_variance = tweedie_variance(denoiser.schedule, timesteps[-2], jnp.mean(last_row))
 
     def transition(x_t, x0_hat, t, s):
         return denoiser.transition(x_t, x0_hat, t, s, eta)
@@ -334,9 +352,8 @@ def build_kernel(
             variance = jnp.where(
                 k == last_step, jnp.maximum(step.variance, last_variance), step.variance
             )
-            # one key per particle: the same noise however the particles are split
-            keys = smc.particle_keys(noise_key, x_t.shape[0], axis_name)
-            noise = jax.vmap(lambda key: jax.random.normal(key, x_t.shape[1:]))(keys)
+            # one draw for the step: the same noise however the particles are split
+            noise = smc.particle_normals(noise_key, x_t.shape, axis_name, x_t.dtype)
             # drawn once: fused into each of its uses (the step, its projection) XLA would
             # recompute it there, which dominates the step at image sizes on CPU
             noise = jax.lax.optimization_barrier(noise)
@@ -348,7 +365,7 @@ def build_kernel(
             mean_coords = _project(basis, step.mean)
             noise_coords = _project(basis, noise)
             if anchored:  # E[x0_hat(x_s) | x_t] = x0_hat(x_t); the last potential is the likelihood
-                anchor = _project(basis, x0_hat_t)
+                anchor = twist.coords(basis, x0_hat_t, k)
                 predicted = jnp.where(k == last_step, mean_coords, anchor)
             else:
                 anchor = None
@@ -387,7 +404,9 @@ def build_kernel(
                     predicted + slope * (coords_s - mean_coords),
                     obs_variance,
                 )
-                twist_s = _log_normal(pseudo_obs, _project(basis, x0_hat_s), twist.variance[k + 1])
+                twist_s = _log_normal(
+                    pseudo_obs, twist.coords(basis, x0_hat_s, k + 1), twist.variance[k + 1]
+                )
                 twist_t = _log_normal(pseudo_obs, anchor, twist.variance[k])
                 terms = jnp.where(k == last_step, 0.0, twist_s - potential_s) - twist_t
                 log_increment = log_numerator + jnp.sum(jnp.where(active, terms, 0.0), axis=-1)
@@ -448,6 +467,8 @@ def as_top_level_api(
     eta: ArrayLike = 1.0,
     data_mean: ArrayLike = 0.0,
     data_variance: ArrayLike = 1.0,
+    twist_shrinkage: ArrayLike | None = None,
+    twist_centre: ArrayLike | None = None,
     ess_threshold: float = 0.5,
     resampling: str = "systematic",
     log_evidence_offset: ArrayLike = 0.0,
@@ -486,8 +507,14 @@ def as_top_level_api(
         (default ``True``).
     data_mean, data_variance
         The prior's mean and variance along the observed directions (``(r,)`` or scalars):
-        the ``"gaussian"`` and ``"tweedie"`` potentials use them, and the mean variance sets the spread of the
-        last step when the network's own last step is deterministic.
+        the ``"gaussian"`` and ``"tweedie"`` potentials use them, and the mean variance sets
+        the spread of the last step when the network's own last step is deterministic.
+        ``data_variance`` may also be ``(K + 1, r)``, one row per grid time: the variance of
+        Gaussian data whose Tweedie spread :math:`\mathrm{Var}[x_0 \mid x_t]` is the one
+        measured at that time (a calibrated prior, :func:`diffprior.calibrate`).
+    twist_shrinkage, twist_centre
+        ``(K + 1,)`` and ``(r,)``: centre the twist on the shrunk estimate (:class:`Twist`);
+        the last entry of ``twist_shrinkage`` must be 1 (a calibrated prior's is).
     ess_threshold, resampling
         Adaptive resampling with a :mod:`blackjax.smc.resampling` scheme.
     log_evidence_offset
@@ -508,11 +535,17 @@ def as_top_level_api(
     twist = None
     if twisted:
         # Var[x0_i | x_t] along each direction, (K + 1, r)
-        direction_variance = jnp.broadcast_to(jnp.asarray(data_variance), pseudo_obs.shape)
-        tweedie = jax.vmap(lambda t: tweedie_variance(denoiser.schedule, t, direction_variance))(
-            timesteps
+        direction_variance = _per_time(data_variance, timesteps.shape[0], pseudo_obs.shape)
+        tweedie = jax.vmap(lambda t, v: tweedie_variance(denoiser.schedule, t, v))(
+            timesteps, direction_variance
         )
-        twist = Twist(jnp.asarray(noise_ratio, jnp.float32)[None, :] ** 2 + tweedie)
+        variance = jnp.asarray(noise_ratio, jnp.float32)[None, :] ** 2 + tweedie
+        if twist_shrinkage is None:
+            twist = Twist(variance)
+        else:
+            shrinkage = jnp.broadcast_to(jnp.asarray(twist_shrinkage, jnp.float32), timesteps.shape)
+            centre = jnp.broadcast_to(jnp.asarray(twist_centre, jnp.float32), pseudo_obs.shape)
+            twist = Twist(variance, shrinkage, centre)
     kernel = build_kernel(
         denoiser,
         timesteps,
@@ -556,6 +589,8 @@ def from_linear_gaussian(
     eta: ArrayLike = 1.0,
     data_mean: ArrayLike = 0.0,
     data_variance: ArrayLike = 1.0,
+    twist_shrinkage: ArrayLike | None = None,
+    twist_centre: ArrayLike | None = None,
     ess_threshold: float = 0.5,
     resampling: str = "systematic",
 ) -> SamplingAlgorithm:
@@ -607,6 +642,8 @@ def from_linear_gaussian(
         eta=eta,
         data_mean=data_mean,
         data_variance=data_variance,
+        twist_shrinkage=twist_shrinkage,
+        twist_centre=twist_centre,
         ess_threshold=ess_threshold,
         resampling=resampling,
         log_evidence_offset=offset,

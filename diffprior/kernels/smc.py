@@ -37,9 +37,11 @@ must then be given the same ``rng_key`` so that the resampling draw agrees.
 
 Per-particle randomness goes through :func:`particle_keys`: the step's key is split into one
 key per particle over the *whole* set and each block keeps its slice, so particle ``i`` draws
-the same noise whether the particles sit on one device or are split over many. Together with
-the reductions above, a run split over ``k`` blocks gives the particles, weights and
-log-evidence of the unsplit run, up to the order of floating-point sums.
+the same noise whether the particles sit on one device or are split over many.
+:func:`particle_normals` makes a step's Gaussian noise from those keys in one batched draw,
+outside the map over particles. Together with the reductions above, a run split over ``k``
+blocks gives the particles, weights and log-evidence of the unsplit run, up to the order of
+floating-point sums.
 
 Resampling schemes and the ESS come from :mod:`blackjax.smc`.
 """
@@ -74,6 +76,7 @@ __all__ = [
     "num_particles",
     "gather",
     "particle_keys",
+    "particle_normals",
     "check_ess_threshold",
 ]
 
@@ -170,6 +173,34 @@ def particle_keys(rng_key: PRNGKey, num_local: int, axis_name: str | None = None
         return jax.random.split(rng_key, num_local)
     keys = jax.random.split(rng_key, num_local * jax.lax.axis_size(axis_name))
     return jax.lax.dynamic_slice_in_dim(keys, _local_indices(num_local, axis_name)[0], num_local)
+
+
+def particle_normals(
+    rng_key: PRNGKey, shape: tuple[int, ...], axis_name: str | None = None, dtype=jnp.float32
+) -> Array:
+    """Standard normal noise for a block of particles, ``shape = (num_local, *event_shape)``,
+    drawn in one batched draw for the step: row ``i`` is ``jax.random.normal(key_i,
+    event_shape)`` with ``key_i`` particle ``i``'s key (:func:`particle_keys`), so a particle's
+    noise depends on its global index only, not on how many blocks there are.
+
+    Call it once per step, outside any map over particles, and pass the rows to the
+    per-particle code. Unsplit it times as one plain ``jax.random.normal(rng_key, shape)``
+    (the keys only change the hash's inputs); split over ``k`` blocks each block draws its own
+    rows only, where slicing one global draw would make every block draw all ``N`` rows.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> key = jax.random.key(0)
+    >>> whole = particle_normals(key, (8, 3))
+    >>> blocks = jax.vmap(lambda _: particle_normals(key, (4, 3), "p"), axis_name="p")(
+    ...     jnp.arange(2)
+    ... )
+    >>> bool(jnp.all(blocks.reshape(8, 3) == whole))
+    True
+    """
+    keys = particle_keys(rng_key, shape[0], axis_name)
+    return jax.vmap(lambda key: jax.random.normal(key, shape[1:], dtype))(keys)
 
 
 class SMCInfo(NamedTuple):

@@ -149,8 +149,8 @@ def _load_denoiser(name: str) -> tuple[Denoiser, MLPAutoencoder | None, str]:
     return denoiser, autoencoder, json.dumps(meta)
 
 
-def load(name: str, **prior_options: Any) -> DiffusionPrior:
-    """The shipped prior ``name`` as a :class:`diffprior.DiffusionPrior` (a
+def load(name: str, *, calibrated: bool = True, **prior_options: Any) -> DiffusionPrior:
+    r"""The shipped prior ``name`` as a :class:`diffprior.DiffusionPrior` (a
     :class:`diffprior.LatentDiffusionPrior`, with the autoencoder's decoder and encoder, for a
     latent prior such as ``"digits-latent"``).
 
@@ -158,12 +158,19 @@ def load(name: str, **prior_options: Any) -> DiffusionPrior:
     download). ``data_variance`` and the recorded sampling defaults come from the metadata;
     ``prior_options`` (``num_steps``, ``eta``, ``spacing``, ...) override them.
 
+    A prior whose metadata holds a calibration (:func:`diffprior.calibrate` on its training
+    data; ``python examples/calibrate_digits.py`` writes the digits prior's) comes with it as
+    ``prior.calibration``, which TDS, FK and MCGdiff use to judge how far to trust the
+    network's :math:`\hat x_0` at each noise level; ``calibrated=False`` leaves it out.
+
     Raises
     ------
     ValueError
         For an unknown ``name``, listing the available ones.
     """
     _check_name(name)
+    if not isinstance(calibrated, bool):
+        raise TypeError(f"calibrated must be True or False, got {calibrated!r}")
     denoiser, autoencoder, meta_json = _load_denoiser(name)
     meta = json.loads(meta_json)
     options = {"data_variance": meta["data_variance"], **meta.get("prior_options", {})}
@@ -178,7 +185,12 @@ def load(name: str, **prior_options: Any) -> DiffusionPrior:
             encoder=autoencoder.encode,
             **options,
         )
-    return DiffusionPrior(denoiser, event_shape=event_shape, **options)
+    prior = DiffusionPrior(denoiser, event_shape=event_shape, **options)
+    if calibrated and "calibration" in meta:
+        from diffprior.calibration import Calibration
+
+        prior.calibration = Calibration.from_dict(meta["calibration"])
+    return prior
 
 
 #: The data block of the digits priors' metadata: where the images come from and the split.

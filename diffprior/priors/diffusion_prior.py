@@ -52,7 +52,11 @@ class DiffusionPrior(dist.Distribution):
     """
 
     arg_constraints = {}
-    pytree_data_fields = ("denoiser",)
+    pytree_data_fields = ("denoiser", "calibration")
+    #: How far to trust the denoiser's x0_hat at each time, measured on data
+    #: (:func:`diffprior.calibrate`); ``None``: the spread of Gaussian data of the prior's
+    #: variance.
+    calibration = None
     pytree_aux_fields = (
         "num_steps",
         "eta",

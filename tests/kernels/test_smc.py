@@ -397,3 +397,14 @@ def test_particle_keys_depend_on_the_global_index_only():
     split = _over_blocks(lambda w: smc.particle_keys(key, BLOCK, "particles"), jnp.zeros(8))
     np.testing.assert_array_equal(jax.random.key_data(_joined(split)), whole)
     assert len({tuple(row) for row in np.asarray(whole).tolist()}) == 8
+
+
+def test_particle_normals_are_the_particle_keys_draws_whatever_the_blocks():
+    key = jax.random.key(14)
+    whole = smc.particle_normals(key, (8, 3))
+    # row i is particle i's own draw, made in one batched draw for the step
+    own = jax.vmap(lambda k: jax.random.normal(k, (3,)))(smc.particle_keys(key, 8))
+    np.testing.assert_array_equal(whole, own)
+    split = _over_blocks(lambda w: smc.particle_normals(key, (BLOCK, 3), "particles"), jnp.zeros(8))
+    np.testing.assert_array_equal(_joined(split), whole)
+    assert len({tuple(row) for row in np.asarray(whole).tolist()}) == 8
