@@ -22,6 +22,7 @@ noise (high noise levels), the twist no longer follows it and the weights stay e
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -45,7 +46,8 @@ class Calibration(NamedTuple):
         spread of :math:`x_0` around the shrunk estimate :math:`\tilde x_0 = m + a_t (\hat
         x_0(x_t) - m)`.
     shrinkage
-        ``(K,)``: the least-squares :math:`a_t` in :math:`x_0 - m \approx a_t (\hat x_0 - m)`.
+        ``(K,)``: the least-squares :math:`a_t` in :math:`x_0 - m \approx a_t (\hat x_0 - m)`,
+        clipped to :math:`[0, 1]`.
     mean
         ``latent_shape``: the data mean :math:`m`.
     num_samples
@@ -181,6 +183,16 @@ def calibrate(
         raise ValueError(f"data must hold at least 2 samples, got {data.shape[0]}")
     if not bool(jnp.all(jnp.isfinite(data))):
         raise ValueError("data holds NaN or inf")
+    data_var = float(jnp.mean(jnp.var(data, axis=0)))
+    prior_var = float(jnp.mean(prior.variance))
+    if not 0.25 <= data_var / prior_var <= 4.0:
+        warnings.warn(
+            f"calibrate: the data's variance per coordinate ({data_var:.3g}) is not that of the "
+            f"prior ({prior_var:.3g}, its data_variance) within a factor 4; is the data on the "
+            "scale the network was trained on (e.g. images in [-1, 1])?",
+            UserWarning,
+            stacklevel=2,
+        )
     key = jax.random.key(rng_key) if isinstance(rng_key, int) else rng_key
     schedule = prior.schedule
     times = grid_timesteps(schedule, num_times, "uniform")[:-1][::-1]  # increasing, no 0
@@ -225,8 +237,9 @@ def _statistics(denoiser, data, mean, times, key, num_noise, batch_size):
         zeros = (jnp.zeros(mean.shape),) * 3
         keys = jax.random.split(key, num_batches)
         (cc, ch, hh), _ = jax.lax.scan(batch, zeros, (x0, valid, keys))
-        # a < 0 would be noise: the estimate carries no information there
-        a = jnp.maximum(jnp.sum(ch) / jnp.maximum(jnp.sum(hh), jnp.finfo(jnp.float32).tiny), 0.0)
+        # a shrinkage, in [0, 1]: where x0_hat ~ m (high noise) the ratio is noise over noise,
+        # and a value above 1 would amplify that noise in the twist
+        a = jnp.clip(jnp.sum(ch) / jnp.maximum(jnp.sum(hh), jnp.finfo(jnp.float32).tiny), 0.0, 1.0)
         residual = (cc - 2 * a * ch + a**2 * hh) / total
         return jnp.maximum(residual, 0.0), a
 

@@ -75,6 +75,8 @@ def test_round_trip_and_errors(gaussian):
         dp.calibrate(prior, data.at[0, 0].set(jnp.nan))
     with pytest.raises(ValueError, match="num_times"):
         dp.calibrate(prior, data, num_times=0)
+    with pytest.warns(UserWarning, match="scale the network was trained on"):
+        dp.calibrate(prior, 16.0 * data[:50], num_times=2)
     with pytest.raises(TypeError, match="pixel-space"):
         dp.calibrate(dp.pretrained.load("digits-latent"), np.zeros((4, 8, 8)))
 
