@@ -199,6 +199,15 @@ def calibrate(
     mean = jnp.mean(data, axis=0)
     stats = _statistics(prior.denoiser, data, mean, times, key, num_noise, batch_size)
     residual, shrinkage = stats
+    bad = ~(
+        jnp.all(jnp.isfinite(residual.reshape(times.shape[0], -1)), axis=1)
+        & jnp.isfinite(shrinkage)
+    )
+    if bool(jnp.any(bad)):
+        raise FloatingPointError(
+            "calibrate: the denoiser's estimates were not finite on the data at t = "
+            f"{np.asarray(times)[np.asarray(bad)].round(3).tolist()}; check the network there"
+        )
     calibration = Calibration(times, residual, shrinkage, mean, int(data.shape[0] * num_noise))
     calibrated = copy.copy(prior)
     calibrated.calibration = calibration
