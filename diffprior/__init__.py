@@ -3,6 +3,10 @@ twisted sequential Monte Carlo."""
 
 from importlib.metadata import PackageNotFoundError, version
 
+# first, before any JAX computation: turns off XLA CPU fusions that return wrong values
+from diffprior import _xla_flags  # noqa: F401
+
+# isort: split
 from diffprior import diagnostics, diffusion, kernels, operators, pretrained, problems, schedules
 from diffprior.baselines import compare, plot_compare  # also binds dp.baselines
 from diffprior.calibration import calibrate
