@@ -64,6 +64,15 @@ def _coefficients(
     return alpha_t, sigma_t, alpha_s, eps_coef, variance
 
 
+def transition_x0_coefficient(
+    schedule: Schedule, t: ArrayLike, s: ArrayLike, eta: ArrayLike = 1.0
+) -> Array:
+    """The coefficient of ``x0_hat`` in the mean of :func:`reverse_transition` (the mean is
+    affine in ``x0_hat``)."""
+    alpha_t, sigma_t, alpha_s, eps_coef, _ = _coefficients(schedule, t, s, eta, 0.0)
+    return alpha_s - eps_coef * alpha_t / sigma_t
+
+
 def tweedie_variance(schedule: Schedule, t: ArrayLike, data_variance: ArrayLike) -> Array:
     r""":math:`\mathrm{Var}[x_0 \mid x_t] = v \sigma_t^2 / (\alpha_t^2 v + \sigma_t^2)` per
     coordinate for data :math:`N(m, v I)`; zero when ``data_variance`` is zero."""

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from blackjax.base import SamplingAlgorithm
 
 from diffprior.diffusion.denoiser import Denoiser
-from diffprior.diffusion.transitions import guided_x0
+from diffprior.diffusion.transitions import guided_x0, transition_x0_coefficient
 from diffprior.kernels import smc
 from diffprior.kernels.guidance import (
     TwistFn,
@@ -172,16 +172,14 @@ def build_kernel(
     guided = proposal == "guided"
     last_step = timesteps.shape[0] - 2
 
-    def propose(noise, x, x0_hat, grad, t, s):
+    def propose(noise, x, x0_hat, grad, t, s, shift_per_grad):
         prior_step = denoiser.transition(x, x0_hat, t, s, eta)
         if not guided:
             return prior_step.mean + jnp.sqrt(prior_step.variance) * noise, jnp.zeros(())
-        x0_guided = guided_x0(schedule, x0_hat, scale * lam * grad, t)
-        guided_step = denoiser.transition(x, x0_guided, t, s, eta)
         stochastic = prior_step.variance > 0
         variance = jnp.where(stochastic, prior_step.variance, 1.0)
         # a deterministic step (zero variance) cannot be guided: follow the prior
-        shift = jnp.where(stochastic, guided_step.mean - prior_step.mean, 0.0)
+        shift = jnp.where(stochastic, shift_per_grad * grad, 0.0)
         x_s = prior_step.mean + shift + jnp.sqrt(prior_step.variance) * noise
         return x_s, jnp.where(stochastic, guided_log_ratio(shift, noise, variance), 0.0)
 
@@ -199,8 +197,13 @@ def build_kernel(
             # kept apart: fused into each of its uses (the step, the weight's ratio) XLA would
             # recompute the normal transform in both (12-18% of the step on CPU at d = 800)
             noise = jax.lax.optimization_barrier(noise)
-            return jax.vmap(propose, in_axes=(0, 0, 0, 0, None, None))(
-                noise, x_t, x0_hat_t, grad_t, t, s
+            # the step's mean is affine in x0_hat, so the guided step is the prior step
+            # shifted by the mean's coefficient of x0_hat times the guided change of x0_hat
+            # (diffprior.diffusion.guided_x0), one scalar per step
+            x0_coef = transition_x0_coefficient(schedule, t, s, eta)
+            shift_per_grad = x0_coef * guided_x0(schedule, 0.0, scale * lam, t)
+            return jax.vmap(propose, in_axes=(0, 0, 0, 0, None, None, None))(
+                noise, x_t, x0_hat_t, grad_t, t, s, shift_per_grad
             )
 
         def weight_fn(x_t, carried, x_s, log_transition_ratio):
