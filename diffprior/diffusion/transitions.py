@@ -29,6 +29,7 @@ __all__ = [
     "Transition",
     "reverse_transition",
     "guided_x0",
+    "transition_x0_coefficient",
     "sample_transition",
     "transition_log_prob",
     "tweedie_variance",
@@ -68,7 +69,19 @@ def transition_x0_coefficient(
     schedule: Schedule, t: ArrayLike, s: ArrayLike, eta: ArrayLike = 1.0
 ) -> Array:
     """The coefficient of ``x0_hat`` in the mean of :func:`reverse_transition` (the mean is
-    affine in ``x0_hat``)."""
+    affine in ``x0_hat``): a change ``delta`` of ``x0_hat`` moves the mean by this times
+    ``delta``, which is how FK and TDS make their guided step.
+
+    Examples
+    --------
+    >>> import diffprior as dp
+    >>> sched = dp.schedules.VP.linear()
+    >>> a = dp.diffusion.transitions.reverse_transition(sched, 0.3, 1.0, 0.5, 0.4).mean
+    >>> b = dp.diffusion.transitions.reverse_transition(sched, 0.3, 0.0, 0.5, 0.4).mean
+    >>> c = dp.diffusion.transitions.transition_x0_coefficient(sched, 0.5, 0.4)
+    >>> bool(abs((a - b) - c) < 1e-6)
+    True
+    """
     alpha_t, sigma_t, alpha_s, eps_coef, _ = _coefficients(schedule, t, s, eta, 0.0)
     return alpha_s - eps_coef * alpha_t / sigma_t
 
