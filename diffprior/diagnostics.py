@@ -115,7 +115,8 @@ def to_datatree(sampler, result, obs):
     """Build the ArviZ ``xarray.DataTree`` of a :class:`diffprior.Sampler` run.
 
     Groups: ``posterior`` (the equal-weight draws, dims ``chain, draw`` plus
-    ``{site}_dim_{i}`` event dims); ``sample_stats`` (per chain ``log_evidence`` and
+    ``{site}_dim_{i}`` event dims; with ``obs_mask=`` sites, their ``{name}_unobserved`` draws
+    given each draw); ``sample_stats`` (per chain ``log_evidence`` and
     ``num_distinct``, the distinct draws; per step ``ess``, ``resampled`` and, for the SMC
     methods, ``log_evidence_increment``, ``degenerate`` and ``collapsed`` (the steps of
     :func:`weight_collapse`); per chain ``final_ess``; per particle ``log_weight``, the weights
@@ -161,11 +162,16 @@ def to_datatree(sampler, result, obs):
     pointwise = {
         name: np.asarray(value) for name, value in result["pointwise_log_likelihood"].items()
     }
-    groups = {"posterior": {site: samples}, "observed_data": observed, "log_likelihood": pointwise}
+    posterior = {site: samples}
+    dims = {site: event_dims}
+    for name, value in result.get("unobserved", {}).items():
+        posterior[name] = np.asarray(value)
+        dims[name] = [f"{name}_dim_{i}" for i in range(np.ndim(value) - 2)]
+    groups = {"posterior": posterior, "observed_data": observed, "log_likelihood": pointwise}
     tree = arviz_base.from_dict(
         # prior draws through a model with no observed site (Unguided) have neither group
         {name: group for name, group in groups.items() if group},
-        dims={site: event_dims},
+        dims=dims,
     )
     chain = np.arange(num_chains)
     draw = np.arange(num_draws)

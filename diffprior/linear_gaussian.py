@@ -12,6 +12,13 @@ decomposed, :math:`\tilde A = U \operatorname{diag}(s) V^T`. A :class:`WhitenedS
 - what the evidence needs besides: :math:`\sum \log \sigma`, and the part of :math:`\tilde y`
   outside the range of :math:`\tilde A` (its squared norm and dimension).
 
+Rows may carry weights :math:`w_j \ge 0` (``weight=``), the log-likelihood then being
+:math:`\sum_j w_j \log N(y_j; (gAx + b)_j, \sigma_j^2)`: a masked observation has weight 0, a
+site under ``numpyro.handlers.scale(s)`` weight ``s``. Row :math:`j` is whitened by
+:math:`\sqrt{w_j} / \sigma_j` and its :math:`\log \sigma_j` becomes
+:math:`w_j \log \sigma_j + \tfrac{w_j - 1}2 \log 2\pi`, so that every formula below holds as
+it is: a row of weight 0 is a whitened observation 0 with no gain and density exactly 1.
+
 Two ways to build one:
 
 - :func:`from_operator` takes a :mod:`diffprior.operators` operator and uses its own structured
@@ -205,6 +212,7 @@ def from_operator(
     offset: ArrayLike = 0.0,
     gain: ArrayLike = 1.0,
     event_shape: tuple[int, ...] | None = None,
+    weight: ArrayLike | None = None,
 ) -> WhitenedSVD:
     r"""The :class:`WhitenedSVD` of :math:`y = g A x + b + \sigma \varepsilon` from the
     operator's own SVD.
@@ -215,7 +223,8 @@ def from_operator(
     others a ``ValueError`` says so. ``y`` and ``offset`` (:math:`b`) are the observation and
     the mean at ``x = 0``, of ``op.out_shape`` or flat; ``gain`` a scalar :math:`g`.
     ``event_shape`` (default ``op.in_shape``) is the shape of ``x`` that the basis takes, for a
-    model that reshapes ``x`` before applying ``op``.
+    model that reshapes ``x`` before applying ``op``. ``weight`` (one per observation, default
+    1; module docstring) needs a per-observation operator as a per-observation scale does.
     """
     if not isinstance(op, LinearOperator):
         raise TypeError(f"op must be a diffprior.operators.LinearOperator, got {type(op).__name__}")
@@ -226,7 +235,20 @@ def from_operator(
             f"y has {residual.shape[0]} entries but {type(op).__name__} makes {op.out_dim}"
         )
     gain = jnp.asarray(gain, jnp.float32)
-    if scale.size == 1:
+    if weight is not None:
+        if not isinstance(op, _PERMUTATION_LEFT):
+            raise ValueError(
+                f"weighted observations need an operator whose rows are orthogonal (Inpaint, "
+                f"Downsample); {type(op).__name__} has one SVD for one noise scale"
+            )
+        sigma = jnp.broadcast_to(scale.reshape(-1), (op.out_dim,))
+        weight = jnp.broadcast_to(jnp.asarray(weight, jnp.float32).reshape(-1), sigma.shape)
+        factor = jnp.sqrt(weight) / sigma
+        # U is a permutation: the rows' whitening factors reorder as the left coordinates do
+        singular = op.singular_values * op.U_T(factor.reshape(op.out_shape)) * jnp.abs(gain)
+        white = residual * factor
+        log_scale_sum = _weighted_log_scale_sum(sigma, weight)
+    elif scale.size == 1:
         sigma = scale.reshape(())
         singular = op.singular_values * jnp.abs(gain) / sigma
         white = residual / sigma
@@ -251,7 +273,8 @@ def from_operator(
     singular = _cut(singular)
     coords = jnp.sign(gain) * op.U_T(white.reshape(op.out_shape))
     coords = jnp.where(singular > 0, coords, 0.0)
-    log_scale_sum = jnp.sum(jnp.broadcast_to(jnp.log(sigma), (op.out_dim,)))
+    if weight is None:
+        log_scale_sum = jnp.sum(jnp.broadcast_to(jnp.log(sigma), (op.out_dim,)))
     # the part of the whitened observation outside the range, directly (no cancellation)
     outside = white - jnp.ravel(op.U(jnp.sign(gain) * coords))
     residual_sq = _outside_range(jnp.sum(outside**2), singular, op.out_dim)
@@ -271,9 +294,11 @@ def from_matrix(
     y: ArrayLike,
     offset: ArrayLike = 0.0,
     event_shape: tuple[int, ...] | None = None,
+    weight: ArrayLike | None = None,
 ) -> WhitenedSVD:
     r"""The :class:`WhitenedSVD` of :math:`y = M x + b + \sigma \varepsilon` for a dense
-    ``(dy, d)`` matrix :math:`M` (thin SVD; ``x`` of ``event_shape``, default ``(d,)``).
+    ``(dy, d)`` matrix :math:`M` (thin SVD; ``x`` of ``event_shape``, default ``(d,)``), with
+    rows weighted by ``weight`` (one per observation, default 1; module docstring).
 
     Raises ``ValueError`` when :math:`M` has more than :data:`MAX_DENSE_ENTRIES` entries.
     """
@@ -286,13 +311,30 @@ def from_matrix(
     if math.prod(event_shape) != dim:
         raise ValueError(f"event_shape {event_shape} does not have d = {dim} entries")
     sigma = jnp.broadcast_to(jnp.asarray(scale, jnp.float32).reshape(-1), (num_obs,))
-    white = (jnp.asarray(y, jnp.float32) - jnp.asarray(offset, jnp.float32)).reshape(-1) / sigma
-    u, s, vt = jnp.linalg.svd(matrix / sigma[:, None], full_matrices=False)
+    residual = (jnp.asarray(y, jnp.float32) - jnp.asarray(offset, jnp.float32)).reshape(-1)
+    if weight is None:
+        white = residual / sigma
+        whitened = matrix / sigma[:, None]
+        log_scale_sum = jnp.sum(jnp.log(sigma))
+    else:
+        weight = jnp.broadcast_to(jnp.asarray(weight, jnp.float32).reshape(-1), (num_obs,))
+        factor = jnp.sqrt(weight) / sigma
+        white = residual * factor
+        whitened = matrix * factor[:, None]
+        log_scale_sum = _weighted_log_scale_sum(sigma, weight)
+    u, s, vt = jnp.linalg.svd(whitened, full_matrices=False)
     singular = _cut(s)
     coords = jnp.where(singular > 0, u.T @ white, 0.0)
     residual_sq = _outside_range(jnp.sum((white - u @ coords) ** 2), singular, num_obs)
     basis = _DenseBasis(vt.T, event_shape)
-    return WhitenedSVD(singular, coords, jnp.sum(jnp.log(sigma)), residual_sq, num_obs, basis)
+    return WhitenedSVD(singular, coords, log_scale_sum, residual_sq, num_obs, basis)
+
+
+def _weighted_log_scale_sum(sigma: Array, weight: Array) -> Array:
+    r""":math:`\sum_j w_j \log \sigma_j + \tfrac{w_j - 1}2 \log 2\pi` (module docstring):
+    :math:`\sum_j \log \sigma_j` for unit weights, and 0 for a row of weight 0 whatever its
+    :math:`\sigma_j`."""
+    return jnp.sum(weight * jnp.log(sigma) + 0.5 * (weight - 1.0) * math.log(2 * math.pi))
 
 
 def check_dense_size(num_obs: int, dim: int, what: str = "the observation's linear map") -> None:

@@ -29,11 +29,24 @@ Variance inflation (used by twisted SMC, e.g. TDS and the guided proposals of FK
 
 the likelihood of :math:`y` given a denoised :math:`\hat x_0` whose error has variance ``v``.
 Other likelihoods are left unchanged.
+
+Missing observations (``obs_mask=``): ``numpyro.sample("y", fn, obs=y, obs_mask=m)`` becomes, as
+in NumPyro, an observed site ``y_observed`` (``fn`` masked where ``m`` is False: those entries
+contribute zero), a latent site ``y_unobserved`` (the missing entries) and a deterministic
+``y``. Given ``x`` the missing entries enter no other density, so their posterior is the
+likelihood itself, :math:`p(y_\text{miss} \mid x)`: the samplers draw ``x`` from
+:math:`p(x \mid y_\text{obs})` and then ``y_unobserved`` from the likelihood at each draw
+(:meth:`ObservationModel.sample_unobserved`); ``y_unobserved`` is never a latent site of the
+diffusion sampler. The mask broadcasts against the site's batch shape (one entry per event, as
+in NumPyro) or, for a site whose event dimensions are independent entries (``.to_event``), against
+its whole shape (one entry per element, e.g. per pixel), which NumPyro itself does not read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -44,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import numpyro.primitives
 from numpyro import handlers
 from numpyro.distributions.distribution import Unit
 from numpyro.infer.util import compute_log_probs
@@ -58,13 +72,18 @@ from diffprior.types import Array, ArrayLike
 __all__ = [
     "ModelError",
     "ModelReader",
+    "OBS_MASK_KEY",
     "ObservationModel",
     "arguments_key",
+    "check_missing_unused",
+    "hide_unobserved",
     "inflate_variance",
     "model_arguments",
+    "reading_obs_mask",
     "read_model",
     "sample_sites_at_zeros",
     "is_diffusion_prior",
+    "missing_sites",
     "unwrap_distribution",
 ]
 
@@ -146,6 +165,208 @@ class inflate_variance(Messenger):
             msg["fn"] = _inflate(msg["fn"], extra)
 
 
+# -- missing observations (obs_mask=) -------------------------------------------------------------
+#: Key of the ``infer`` dict that marks the two sample sites of
+#: ``numpyro.sample(name, fn, obs=..., obs_mask=...)`` while diffprior reads a model (its value:
+#: ``name``): the observed ``name + "_observed"`` and the latent ``name + "_unobserved"``.
+OBS_MASK_KEY = "diffprior_obs_mask"
+
+
+def _broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether an array of ``shape`` broadcasts to ``target`` without growing it."""
+    shape, target = tuple(shape), tuple(target)
+    if len(shape) > len(target):
+        return False
+    return all(n in (1, m) for n, m in zip(reversed(shape), reversed(target), strict=False))
+
+
+def _entries(fn: dist.Distribution) -> dist.Distribution | None:
+    """``fn`` as independent entries: batch shape ``fn.shape()``, event shape ``()`` and the
+    same log-density summed over the entries; ``None`` when its event does not split so (a
+    multivariate distribution such as ``MultivariateNormal``)."""
+    if not fn.event_shape:
+        return fn
+    if isinstance(fn, dist.Independent):
+        return _entries(fn.base_dist)
+    if isinstance(fn, dist.ExpandedDistribution):
+        base = _entries(fn.base_dist)
+        return None if base is None else base.expand(tuple(fn.shape()))
+    if isinstance(fn, dist.MaskedDistribution):
+        base = _entries(fn.base_dist)
+        if base is None:
+            return None
+        mask = fn._mask
+        if not isinstance(mask, bool):
+            mask = jnp.reshape(mask, jnp.shape(mask) + (1,) * len(fn.event_shape))
+        return base.mask(mask)
+    return None
+
+
+def _masked_observe(
+    name: str, fn: dist.Distribution, obs: ArrayLike | None, obs_mask: ArrayLike, **kwargs: Any
+) -> Array:
+    """diffprior's reading of ``numpyro.sample(name, fn, obs=obs, obs_mask=obs_mask)``: NumPyro's
+    split into ``name_observed`` (masked by ``obs_mask``), ``name_unobserved`` (masked by its
+    negation) and the deterministic ``name``, both sample sites marked with
+    :data:`OBS_MASK_KEY`. A mask that broadcasts to the site's batch shape masks whole events,
+    as in NumPyro; one that broadcasts only to the site's whole shape masks single entries of a
+    distribution whose event splits into independent entries (``.to_event``), where NumPyro
+    would broadcast the distribution against the mask. Anything else is a :class:`ModelError`
+    naming the site."""
+    if is_diffusion_prior(fn):
+        raise ModelError(
+            f"site {name!r}: obs_mask= on the DiffusionPrior site, which NumPyro splits into an "
+            f"observed site {name + '_observed'!r} and a latent site {name + '_unobserved'!r}; "
+            "the DiffusionPrior site must be one latent site to sample (no obs=, no obs_mask=): "
+            "put obs_mask on an observed site that depends on it"
+        )
+    if jnp.result_type(obs_mask) != jnp.bool_:
+        raise ModelError(
+            f"site {name!r}: obs_mask must be a boolean array (True where y is observed), got "
+            f"dtype {jnp.result_type(obs_mask)}"
+        )
+    event = tuple(fn.event_shape)
+    shape = tuple(fn.shape()) if obs is None else tuple(jnp.shape(obs))
+    batch = shape[: len(shape) - len(event)]
+    mask_shape = tuple(jnp.shape(obs_mask))
+    missing = (not obs_mask) if isinstance(obs_mask, bool) else jnp.logical_not(obs_mask)
+    if _broadcasts_to(mask_shape, batch):
+        observed_fn, unobserved_fn = fn.mask(obs_mask), fn.mask(missing)
+        where = jnp.reshape(obs_mask, mask_shape + (1,) * len(event))
+    elif event and _broadcasts_to(mask_shape, shape):
+        entries = _entries(fn)
+        if entries is None:
+            raise ModelError(
+                f"site {name!r}: obs_mask of shape {_shape_str(mask_shape)} masks single "
+                f"entries of the event {_shape_str(event)}, but the log-density of "
+                f"{type(unwrap_distribution(fn)).__name__} does not split into entries; mask "
+                f"whole events with a mask of the batch shape {_shape_str(batch)}"
+            )
+        where = jnp.broadcast_to(obs_mask, shape)
+        observed_fn = entries.mask(where).to_event(len(event))
+        unobserved_fn = entries.mask(jnp.logical_not(where)).to_event(len(event))
+    else:
+        entrywise = (
+            f" or to its shape {_shape_str(shape)} (one entry per element, for a distribution "
+            "made of independent entries such as dist.Normal(loc, scale).to_event(1))"
+            if event
+            else ""
+        )
+        raise ModelError(
+            f"site {name!r}: obs_mask has shape {_shape_str(mask_shape)}, but it must broadcast "
+            f"to the site's batch shape {_shape_str(batch)} (one entry per event, as in "
+            f"NumPyro){entrywise}"
+        )
+    infer = {**(kwargs.pop("infer", None) or {}), OBS_MASK_KEY: name}
+    observed = numpyro.sample(f"{name}_observed", observed_fn, obs=obs, infer=infer, **kwargs)
+    unobserved = numpyro.sample(f"{name}_unobserved", unobserved_fn, infer=infer, **kwargs)
+    return numpyro.deterministic(name, jnp.where(where, observed, unobserved))
+
+
+class _ObsMaskReading:
+    """Puts :func:`_masked_observe` in place of NumPyro's own while diffprior runs a model
+    (``numpyro.sample`` looks it up at every call), counted so that nested and concurrent
+    readings share one replacement and the last one out restores NumPyro's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._numpyro_version: Callable | None = None
+
+    @contextlib.contextmanager
+    def active(self):
+        with self._lock:
+            if self._depth == 0:
+                self._numpyro_version = getattr(numpyro.primitives, "_masked_observe", None)
+                numpyro.primitives._masked_observe = _masked_observe
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    numpyro.primitives._masked_observe = self._numpyro_version
+
+
+_OBS_MASK_READING = _ObsMaskReading()
+
+
+def reading_obs_mask(model: Callable) -> Callable:
+    """``model``, with ``numpyro.sample(..., obs_mask=m)`` read as diffprior reads it while it
+    runs (module docstring): its two sample sites marked with :data:`OBS_MASK_KEY`, and a
+    mask of the site's whole shape masking single entries. Every handler diffprior applies to a
+    user's model wraps this."""
+
+    def model_reading_obs_mask(*args: Any, **kwargs: Any) -> Any:
+        with _OBS_MASK_READING.active():
+            return model(*args, **kwargs)
+
+    return model_reading_obs_mask
+
+
+def _unobserved_of(site: Mapping[str, Any]) -> str | None:
+    """The obs_mask site whose missing entries the sample site ``site`` is (its latent
+    ``name_unobserved``), or ``None``."""
+    name = (site.get("infer") or {}).get(OBS_MASK_KEY)
+    if name is None or site["is_observed"] or site["name"] != f"{name}_unobserved":
+        return None
+    return name
+
+
+def missing_sites(sample_sites: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Among the sample sites of a trace of a model read through :func:`reading_obs_mask`,
+    the latent site of each ``obs_mask=`` site's missing entries -> its observed site, e.g.
+    ``{"y_unobserved": "y_observed"}``."""
+    return {
+        site["name"]: f"{_unobserved_of(site)}_observed"
+        for site in sample_sites
+        if _unobserved_of(site) is not None
+    }
+
+
+class hide_unobserved(Messenger):
+    """Fix the latent site ``name_unobserved`` of every ``obs_mask=`` site (read through
+    :func:`reading_obs_mask`) at ``values[name_unobserved]``, the site's observed value when
+    ``values`` has none, and hide it from the handlers outside: it is then no latent site and
+    has no density. Given the DiffusionPrior site nothing else depends on it (:func:`read_model`
+    checks), so the likelihood of ``x`` is unchanged.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+    >>> from numpyro import handlers
+    >>> def model(y):
+    ...     numpyro.sample("y", dist.Normal(0.0, 1.0).expand([3]), obs=y, obs_mask=y > 0)
+    >>> model = reading_obs_mask(hide_unobserved(model))
+    >>> sorted(handlers.trace(model).get_trace(jnp.array([1.0, -1.0, 2.0])))
+    ['y', 'y_observed']
+    """
+
+    def __init__(self, fn: Callable | None = None, values: Mapping[str, Any] | None = None):
+        self.values = {} if values is None else values
+        self._observed: dict[str, Any] = {}
+        super().__init__(fn)
+
+    def process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] != "sample":
+            return
+        name = (msg.get("infer") or {}).get(OBS_MASK_KEY)
+        if name is None:
+            return
+        if msg["is_observed"]:
+            self._observed[name] = msg["value"]
+            return
+        if _unobserved_of(msg) is None:
+            return
+        value = self.values.get(msg["name"])
+        if value is None:
+            value = self._observed.get(name)
+        if value is not None:
+            msg["value"] = value
+            msg["stop"] = True
+
+
 def _shape_str(shape: Sequence[int]) -> str:
     return str(tuple(int(n) for n in shape))
 
@@ -166,7 +387,8 @@ class ObservationModel:
         Shape of one ``x``.
     observed
         Observed site name -> observed value, in the model's order (``numpyro.factor`` terms
-        are not observations and are left out here, but count in the log-likelihoods).
+        are not observations and are left out here, but count in the log-likelihoods). An
+        ``obs_mask=`` site ``y`` is observed as ``y_observed``, its missing entries masked.
     observed_flat
         The observed values flattened and concatenated in that order.
     likelihood_sites
@@ -179,6 +401,11 @@ class ObservationModel:
         ``None``, or (for the model returned by :meth:`in_latent_space`) the prior's decoder:
         the methods then take a latent ``z`` of shape :attr:`event_shape` (the prior's
         ``latent_shape``) and evaluate the model at ``x = decode(z)``.
+    missing
+        The latent site of each ``obs_mask=`` site's missing entries -> its observed site,
+        e.g. ``{"y_unobserved": "y_observed"}``: not sampled by the diffusion samplers (it is
+        fixed and hidden in every method here), drawn given ``x`` by
+        :meth:`sample_unobserved`.
     """
 
     def __init__(
@@ -191,6 +418,7 @@ class ObservationModel:
         observed: dict[str, Array],
         likelihood_sites: Sequence[str] | None = None,
         fixed_sites: Sequence[str] = (),
+        missing: Mapping[str, str] | None = None,
     ) -> None:
         self.model = model
         self.args = tuple(args)
@@ -201,6 +429,7 @@ class ObservationModel:
         self.observed = observed
         self.likelihood_sites = tuple(observed if likelihood_sites is None else likelihood_sites)
         self.fixed_sites = tuple(fixed_sites)
+        self.missing = dict(missing or {})
         self.decode: Callable[[Array], Array] | None = None
         self.observed_flat = jnp.concatenate(
             [jnp.zeros((0,), jnp.result_type(float))]
@@ -238,9 +467,26 @@ class ObservationModel:
         image.decode = None
         return image
 
-    def _conditioned(self, x: ArrayLike, extra_variance: ArrayLike | None) -> Callable:
+    def likelihood_model(self, values: Mapping[str, Any] | None = None) -> Callable:
+        """The model as every method here reads it: ``obs_mask=`` sites read through
+        :func:`reading_obs_mask`, their missing entries fixed at ``values`` (default:
+        placeholders) and hidden (:class:`hide_unobserved`). Handlers that evaluate the
+        likelihood (e.g. a twist's) wrap this, not :attr:`model`."""
+        return reading_obs_mask(hide_unobserved(self.model, values))
+
+    def _conditioned(
+        self,
+        x: ArrayLike,
+        extra_variance: ArrayLike | None,
+        *,
+        values: Mapping[str, Any] | None = None,
+        rng_key: Array | None = None,
+        hide_missing: bool = True,
+    ) -> Callable:
         """The model with ``x`` (or ``decode(x)`` for a latent ``x``) substituted and the prior
-        site hidden from outer handlers."""
+        site hidden from outer handlers; the missing entries of ``obs_mask=`` sites fixed at
+        ``values`` (default: placeholders) and hidden too (:class:`hide_unobserved`), or left
+        latent sites, drawn from ``rng_key``, with ``hide_missing=False``."""
         x = jnp.asarray(x)
         if x.shape != self.event_shape:
             what = "latent z" if self.decode is not None else "x"
@@ -251,19 +497,24 @@ class ObservationModel:
             )
         if self.decode is not None:
             x = self.decode(x)
-        model = handlers.substitute(self.model, data={self.prior_site: x})
+        model = self.likelihood_model(values) if hide_missing else reading_obs_mask(self.model)
+        model = handlers.substitute(model, data={self.prior_site: x})
         if extra_variance is not None:
             model = inflate_variance(model, extra_variance=extra_variance)
         # block sits outside substitute: a blocked message stops before reaching outer handlers,
         # and the prior site must be substituted before it can be hidden from the trace.
         model = handlers.block(model, hide=[self.prior_site])
-        return handlers.seed(model, rng_seed=0)
+        return handlers.seed(model, rng_seed=0 if rng_key is None else rng_key)
 
     def _site_log_probs(
-        self, x: ArrayLike, extra_variance: ArrayLike | None, sum_log_prob: bool
+        self,
+        x: ArrayLike,
+        extra_variance: ArrayLike | None,
+        sum_log_prob: bool,
+        values: Mapping[str, Any] | None = None,
     ) -> dict[str, Array]:
         log_probs, _ = compute_log_probs(
-            self._conditioned(x, extra_variance),
+            self._conditioned(x, extra_variance, values=values),
             self.args,
             self.kwargs,
             params={},
@@ -285,6 +536,50 @@ class ObservationModel:
         dimensions summed and batch (plate) dimensions kept, for ArviZ's ``log_likelihood``
         group. The entries sum to :meth:`log_likelihood`."""
         return self._site_log_probs(x, None, sum_log_prob=False)
+
+    def sample_unobserved(self, rng_key: Array, x: ArrayLike) -> dict[str, Array]:
+        r"""A draw of the missing entries of every ``obs_mask=`` site given ``x``: each site of
+        :attr:`missing` (e.g. ``y_unobserved``) drawn from the likelihood
+        :math:`p(y \mid x)`, which is their posterior given ``x``. As NumPyro's latent site it
+        has the whole site's shape; the entries where the mask is True are draws too, which the
+        model ignores. ``{}`` for a model without ``obs_mask``."""
+        if not self.missing:
+            return {}
+        model = self._conditioned(x, None, rng_key=rng_key, hide_missing=False)
+        tr = handlers.trace(model).get_trace(*self.args, **self.kwargs)
+        return {name: tr[name]["value"] for name in self.missing}
+
+    def observation_weights(self) -> Array | None:
+        """Each observed entry's weight in :meth:`log_likelihood`, flattened in the order of
+        :attr:`observed_flat`: 0 where it is masked (``numpyro.handlers.mask``, ``.mask(...)``,
+        the missing entries of ``obs_mask=``), times the site's ``numpyro.handlers.scale``.
+        ``None`` when no observed site is masked or scaled (every weight 1)."""
+        x = jnp.zeros(self.event_shape, jnp.result_type(float))
+        tr = handlers.trace(self._conditioned(x, None)).get_trace(*self.args, **self.kwargs)
+        weights, weighted = [], False
+        for name in self.observed:
+            site = tr[name]
+            shape = tuple(site["fn"].shape())
+            weight = jnp.ones(shape, jnp.result_type(float))
+            layer = site["fn"]
+            while isinstance(layer, _WRAPPERS):
+                if isinstance(layer, dist.MaskedDistribution) and layer._mask is not True:
+                    weighted = True
+                    mask = jnp.broadcast_to(jnp.asarray(layer._mask), tuple(layer.batch_shape))
+                    mask = mask.reshape(mask.shape + (1,) * len(layer.event_shape))
+                    weight = weight * jnp.broadcast_to(mask, shape)
+                layer = layer.base_dist
+            if site.get("scale") is not None:
+                weighted = True
+                fn = site["fn"]
+                scale = jnp.broadcast_to(jnp.asarray(site["scale"]), tuple(fn.batch_shape))
+                weight = weight * jnp.broadcast_to(
+                    scale.reshape(scale.shape + (1,) * len(fn.event_shape)), shape
+                )
+            weights.append(jnp.ravel(weight))
+        if not weighted:
+            return None
+        return jnp.concatenate([jnp.zeros((0,), jnp.result_type(float)), *weights])
 
     def noise_families(self) -> dict[str, str]:
         """Observed site -> the class name of its (unwrapped) distribution, e.g. ``"Normal"``."""
@@ -371,7 +666,9 @@ class ObservationModel:
         :data:`diffprior.linear_gaussian.MAX_DENSE_ENTRIES` entries.
 
         The model must be linear Gaussian (:meth:`is_linear_gaussian`); with concrete values
-        the structured form is checked against the model's own mean.
+        the structured form is checked against the model's own mean. Masked observations
+        (``numpyro.handlers.mask``, ``obs_mask=``) and scaled sites (``numpyro.handlers.scale``)
+        weigh each row by :meth:`observation_weights`: a masked row is no observation.
         """
         families = self.noise_families()
         if not families or set(families.values()) != {"Normal"}:
@@ -381,6 +678,9 @@ class ObservationModel:
         offset = self.observation_mean(zero)
         scale = self.observation_scale(zero)
         op, scalar_scale = self._structured_operator()
+        weights = self.observation_weights()
+        # weighted rows are a noise scale per row: operators whose rows are orthogonal only
+        scalar_scale = scalar_scale and weights is None
         usable = op is not None and (scalar_scale or isinstance(op, lg._PERMUTATION_LEFT))
         if usable:
             probe = jax.random.normal(jax.random.key(0), self.event_shape)
@@ -404,13 +704,16 @@ class ObservationModel:
                 offset,
                 gain,
                 event_shape=self.event_shape,
+                weight=weights,
             )
         num_obs = int(self.observed_flat.shape[0])
         try:
             matrix = lg.jacobian_matrix(self.observation_mean, self.event_shape, num_obs)
         except ValueError as err:
             raise ModelError(str(err)) from None
-        return lg.from_matrix(matrix, scale, self.observed_flat, offset, self.event_shape)
+        return lg.from_matrix(
+            matrix, scale, self.observed_flat, offset, self.event_shape, weight=weights
+        )
 
 
 def _is_traced(x: Any) -> bool:
@@ -655,6 +958,10 @@ def read_model(
       nothing to condition on (unless ``require_observation=False``: draws from the prior
       through the model, as :class:`~diffprior.Unguided` makes them);
     - it has other latent sample sites (fix them, e.g. with ``numpyro.handlers.condition``);
+      the missing entries of an ``obs_mask=`` site are none (:attr:`ObservationModel.missing`,
+      module docstring), unless another site's density uses them;
+    - an ``obs_mask`` has a shape that is neither the site's batch shape nor (for independent
+      entries) its whole shape, or sits on the DiffusionPrior site;
     - an observed value's shape differs from its site's distribution shape, or it holds NaN or
       inf;
     - a distribution parameter breaks its constraint (e.g. a Normal scale <= 0 or NaN), or the
@@ -711,6 +1018,8 @@ def _site_kinds(sample_sites: Sequence[Mapping[str, Any]]) -> tuple[tuple[str, s
             return "prior"
         if _is_factor(site):
             return "factor"
+        if _unobserved_of(site) is not None:
+            return "missing"
         return "observed" if site["is_observed"] else "latent"
 
     return tuple((site["name"], kind(site)) for site in sample_sites)
@@ -731,7 +1040,9 @@ def _read_model(
     tracking is skipped when the model's sample sites are the ones ``known`` lists."""
     args = tuple(args)
     kwargs = dict(kwargs or {})
-    sample_sites = sample_sites_at_zeros(model, args, kwargs)
+    # obs_mask= sites read as diffprior reads them; their latent missing entries left in the
+    # trace (drawn at x = 0), to be told apart from the other latent sites here
+    sample_sites = sample_sites_at_zeros(reading_obs_mask(model), args, kwargs)
 
     prior_sites = [site for site in sample_sites if is_diffusion_prior(site["fn"])]
     if not prior_sites:
@@ -758,8 +1069,11 @@ def _read_model(
         if site["is_observed"] and site is not prior_site and not _is_factor(site)
     ]
     factors = [site["name"] for site in sample_sites if _is_factor(site)]
+    missing = missing_sites(sample_sites)
     others = [
-        site["name"] for site in sample_sites if not site["is_observed"] and site is not prior_site
+        site["name"]
+        for site in sample_sites
+        if not site["is_observed"] and site is not prior_site and site["name"] not in missing
     ]
     if not observed_sites and not factors and require_observation:
         hint = (
@@ -803,6 +1117,7 @@ def _read_model(
             prior,
             observed,
             likelihood_sites=likelihood_sites,
+            missing=missing,
         )
         depends = frozenset(_sites_depending_on_x(candidate) if likelihood_sites else ())
     fixed = [name for name in likelihood_sites if name not in depends]
@@ -821,6 +1136,7 @@ def _read_model(
         {name: value for name, value in observed.items() if name not in fixed},
         likelihood_sites=[name for name in likelihood_sites if name not in fixed],
         fixed_sites=[name for name in fixed if name not in factors],
+        missing=missing,
     )
     passed = tuple(site["value"] for site in observed_sites if site["name"] in obs.observed)
     return obs, _Structure(site_kinds, depends), passed
@@ -923,18 +1239,43 @@ class ModelReader:
 
 def _sites_depending_on_x(obs: ObservationModel) -> set[str]:
     """Names of the likelihood sites whose log-density depends on ``x``, found by tracking
-    provenance through the model's jaxpr (abstract evaluation: nothing is computed)."""
+    provenance through the model's jaxpr (abstract evaluation: nothing is computed).
 
-    def site_terms(x):
-        return obs._site_log_probs(x, None, sum_log_prob=True)
+    Raises a :class:`ModelError` when one depends on the missing entries of an ``obs_mask=``
+    site (:func:`check_missing_unused`)."""
+
+    def site_terms(x, missing):
+        return obs._site_log_probs(x, None, sum_log_prob=True, values=missing)
 
     x = jnp.zeros(obs.event_shape, jnp.result_type(float))
     try:
-        provenance = eval_provenance(site_terms, x=x)
+        provenance = eval_provenance(site_terms, x=x, missing=_placeholders(obs))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as err:
         raise ModelError(
             f"site {obs.prior_site!r}: the model must be a pure JAX function of the "
             "DiffusionPrior value (traceable by jax.jit: no Python `if` on it, no NumPy "
             f"calls on it), but tracing it failed with {type(err).__name__}"
         ) from err
+    check_missing_unused(obs, {name: "missing" in sources for name, sources in provenance.items()})
     return {name for name, sources in provenance.items() if "x" in sources}
+
+
+def _placeholders(obs: ObservationModel) -> dict[str, Array]:
+    """A value for each site of ``obs.missing``: the observed value of its site."""
+    return {name: jnp.asarray(obs.observed[site]) for name, site in obs.missing.items()}
+
+
+def check_missing_unused(obs: ObservationModel, uses_missing: Mapping[str, bool]) -> None:
+    """Refuse a model in which a site's density (``uses_missing``: site name -> whether it
+    depends on the missing entries of an ``obs_mask=`` site, by provenance tracking) depends
+    on those missing entries: they would be latent variables of the likelihood, not draws
+    from it given ``x``, which is all the samplers make of them."""
+    users = [name for name, uses in uses_missing.items() if uses]
+    if users:
+        sites = ", ".join(repr(name.removesuffix("_unobserved")) for name in obs.missing)
+        raise ModelError(
+            f"site {users[0]!r}: its density depends on the value returned by the obs_mask= "
+            f"site(s) {sites}, whose missing entries ({list(obs.missing)}) are then latent "
+            "variables of the likelihood; diffprior draws them from the likelihood given x "
+            "only. Use the observed value (the obs= array) there instead"
+        )

@@ -632,3 +632,218 @@ def test_model_that_is_not_traceable_in_x(branch):
 
 def test_model_error_is_a_value_error():
     assert issubclass(ModelError, ValueError)
+
+
+# --- obs_mask= (missing observations) -------------------------------------------------------
+KEEP = np.array([True, False, True, True])
+
+
+def obs_mask_model(family, layout, forward=linear):
+    """``y`` observed where ``mask`` is True, with ``obs_mask=`` on a ``.to_event(1)`` site (a
+    mask of entries) or inside a plate (a mask of the batch shape, as NumPyro documents)."""
+    loc_fn = location_fn(family, forward)
+
+    def model(y=None, mask=None):
+        x = numpyro.sample("x", PRIOR)
+        if layout == "to_event":
+            numpyro.sample("y", likelihood(family, loc_fn(x)).to_event(1), obs=y, obs_mask=mask)
+        else:
+            with numpyro.plate("obs", DY):
+                numpyro.sample("y", likelihood(family, loc_fn(x)), obs=y, obs_mask=mask)
+
+    return model
+
+
+def read_obs_mask_model(family, layout, forward=linear, keep=KEEP):
+    y = observation(family, forward)
+    kwargs = {"y": y, "mask": jnp.asarray(keep)}
+    return read_model(obs_mask_model(family, layout, forward), kwargs=kwargs), y
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", ["to_event", "plate"])
+def test_obs_mask_log_likelihood_is_that_of_the_kept_entries(family, layout):
+    obs, y = read_obs_mask_model(family, layout, nonlinear)
+    assert list(obs.observed) == ["y_observed"]
+    assert obs.missing == {"y_unobserved": "y_observed"}
+    assert obs.likelihood_sites == ("y_observed",)
+    expected = hand_log_lik(family, hand(family, nonlinear)[KEEP], np.asarray(y)[KEEP])
+    np.testing.assert_allclose(jax.jit(obs.log_likelihood)(X32), expected, rtol=1e-5)
+    pointwise = jax.jit(obs.pointwise_log_likelihood)(X32)["y_observed"]
+    np.testing.assert_allclose(np.sum(pointwise), expected, rtol=1e-5)
+    if layout == "plate":
+        assert np.all(np.asarray(pointwise)[~KEEP] == 0.0)
+
+
+def test_obs_mask_missing_entries_are_no_site_of_the_likelihood():
+    obs, _ = read_obs_mask_model("normal", "to_event")
+    model = handlers.substitute(obs.likelihood_model(), data={"x": X32})
+    tr = handlers.trace(handlers.block(model, hide=["x"])).get_trace(**obs.kwargs)
+    assert [name for name, site in tr.items() if site["type"] == "sample"] == ["y_observed"]
+    # the deterministic site is the observation itself where the mask is True
+    np.testing.assert_allclose(tr["y"]["value"][KEEP], np.asarray(obs.kwargs["y"])[KEEP])
+    # NumPyro's own split is back in place once the model has run
+    assert numpyro.primitives._masked_observe.__module__ == "numpyro.primitives"
+
+
+@pytest.mark.parametrize("layout", ["to_event", "plate"])
+def test_obs_mask_draws_missing_entries_from_the_likelihood(layout):
+    obs, _ = read_obs_mask_model("normal", layout)
+    num = 4000
+    keys = jax.random.split(jax.random.key(0), num)
+    draws = jax.jit(jax.vmap(obs.sample_unobserved, in_axes=(0, None)))(keys, X32)
+    assert set(draws) == {"y_unobserved"} and draws["y_unobserved"].shape == (num, DY)
+    residual = np.asarray(draws["y_unobserved"], np.float64) - hand("normal", linear)
+    # mean and standard deviation of N(A x, sigma^2) within 5 standard errors
+    np.testing.assert_allclose(residual.mean(axis=0), 0.0, atol=5 * SIGMA_Y / math.sqrt(num))
+    np.testing.assert_allclose(residual.std(axis=0), SIGMA_Y, rtol=5 * math.sqrt(1 / (2 * num)))
+
+
+def test_obs_mask_draws_poisson_counts():
+    obs, _ = read_obs_mask_model("poisson", "to_event")
+    keys = jax.random.split(jax.random.key(1), 2000)
+    draws = jax.vmap(obs.sample_unobserved, in_axes=(0, None))(keys, X32)["y_unobserved"]
+    rate = hand("poisson", linear)
+    assert np.all(np.asarray(draws) == np.round(np.asarray(draws)))
+    error = np.abs(np.asarray(draws, np.float64).mean(axis=0) - rate)
+    assert np.all(error <= 5 * np.sqrt(rate / 2000)), (error, rate)
+
+
+@pytest.mark.parametrize("how", ["obs_mask", "obs_mask_plate", "handlers_mask", "scale"])
+def test_linear_gaussian_weighs_masked_and_scaled_rows(how):
+    """The whitened SVD drops masked rows (and weighs scaled sites) as the log-likelihood does:
+    the SVD's own log-likelihood equals the model's at every x."""
+    y = observation("normal", linear)
+    weight = np.where(KEEP, 1.0, 0.0)
+    if how.startswith("obs_mask"):
+        layout = "plate" if how == "obs_mask_plate" else "to_event"
+        obs, _ = read_obs_mask_model("normal", layout)
+    else:
+
+        def model(y=None):
+            x = numpyro.sample("x", PRIOR)
+            with numpyro.plate("obs", DY):
+                if how == "scale":
+                    with handlers.scale(scale=2.5):
+                        numpyro.sample("y", dist.Normal(linear(x), SIGMA_Y), obs=y)
+                else:
+                    with handlers.mask(mask=KEEP):
+                        numpyro.sample("y", dist.Normal(linear(x), SIGMA_Y), obs=y)
+
+        obs = read_model(model, kwargs={"y": y})
+        weight = np.full(DY, 2.5) if how == "scale" else weight
+    assert obs.is_linear_gaussian()
+    np.testing.assert_allclose(obs.observation_weights(), weight)
+    svd = obs.linear_gaussian()
+    assert int(svd.num_observed) == min(int(np.count_nonzero(weight)), D)
+    expected = np.sum(weight * normal_log_pdf(y, hand("normal", linear), SIGMA_Y))
+    for x in [X_TEST, np.array([1.5, 0.2, -2.0])]:
+        x32 = jnp.asarray(x, jnp.float32)
+        np.testing.assert_allclose(svd.log_likelihood(x32), obs.log_likelihood(x32), rtol=2e-5)
+    np.testing.assert_allclose(svd.log_likelihood(X32), expected, rtol=2e-5)
+
+
+def test_obs_mask_with_an_inpainting_operator_keeps_its_structured_svd():
+    image_prior = make_prior(6)
+    A = dp.operators.Inpaint(jnp.array([True, True, False, True, True, True]))
+    keep = jnp.array([True, False, True, True, False])
+    y = jnp.array([0.3, 9.0, -0.2, 0.8, -9.0])
+
+    def model(y=None, mask=None):
+        x = numpyro.sample("x", image_prior)
+        numpyro.sample("y", dist.Normal(A(x), SIGMA_Y).to_event(1), obs=y, obs_mask=mask)
+
+    obs = read_model(model, kwargs={"y": y, "mask": keep})
+    svd = obs.linear_gaussian()
+    assert svd.basis is A  # the operator's own SVD: no dense matrix
+    assert int(svd.num_observed) == 3
+    x = jnp.linspace(-1.0, 1.0, 6)
+    kept = np.asarray(keep)
+    expected = np.sum(normal_log_pdf(np.asarray(y)[kept], np.asarray(A(x))[kept], SIGMA_Y))
+    np.testing.assert_allclose(svd.log_likelihood(x), expected, rtol=1e-5)
+    np.testing.assert_allclose(obs.log_likelihood(x), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["laplace", "poisson"])
+def test_obs_mask_twist_is_that_of_the_masked_model(family):
+    """TDS's smoothed twist of an obs_mask site is that of the same likelihood masked with
+    ``.mask(...)`` (what the runs of tests/infer/test_obs_mask.py compare end to end)."""
+    from diffprior.infer.twists import likelihood_twist
+
+    loc_fn = location_fn(family, linear)
+    y = observation(family, linear)
+
+    def masked(y=None):
+        x = numpyro.sample("x", PRIOR)
+        numpyro.sample("y", likelihood(family, loc_fn(x)).mask(KEEP).to_event(1), obs=y)
+
+    obs_mask, _ = read_obs_mask_model(family, "to_event")
+    obs_masked = read_model(masked, kwargs={"y": y})
+    twists = [likelihood_twist(PRIOR, obs, "jacobian") for obs in (obs_mask, obs_masked)]
+    for t in [0.0, 0.3, 0.8]:
+        values = [float(twist(X32, jnp.float32(t))) for twist in twists]
+        np.testing.assert_allclose(values[0], values[1], rtol=1e-6)
+
+
+def test_obs_mask_rereads_with_a_new_mask():
+    model = obs_mask_model("normal", "to_event")
+    reader = dp.model.ModelReader(model)
+    y = observation("normal", linear)
+    for keep in [KEEP, np.array([False, True, True, False])]:
+        obs = reader((), {"y": y, "mask": jnp.asarray(keep)})
+        expected = hand_log_lik("normal", hand("normal", linear)[keep], np.asarray(y)[keep])
+        np.testing.assert_allclose(obs.log_likelihood(X32), expected, rtol=1e-5)
+
+
+def _uses_the_returned_value(y=None, mask=None):
+    x = numpyro.sample("x", PRIOR)
+    completed = numpyro.sample(
+        "y", dist.Normal(linear(x), SIGMA_Y).to_event(1), obs=y, obs_mask=mask
+    )
+    numpyro.sample("total", dist.Normal(jnp.sum(completed), 1.0), obs=0.0)
+
+
+def _obs_mask_on_the_prior(y=None, mask=None):
+    x = numpyro.sample("x", PRIOR, obs=jnp.zeros(D), obs_mask=mask[:D])
+    numpyro.sample("y", dist.Normal(linear(x), SIGMA_Y).to_event(1), obs=y)
+
+
+def _site_with(fn, mask_of):
+    def model(y=None, mask=None):
+        x = numpyro.sample("x", PRIOR)
+        numpyro.sample("y", fn(x), obs=y, obs_mask=mask_of(mask))
+
+    return model
+
+
+def _in_plate(y=None, mask=None):
+    x = numpyro.sample("x", PRIOR)
+    with numpyro.plate("obs", DY):
+        numpyro.sample("y", dist.Normal(linear(x), SIGMA_Y), obs=y, obs_mask=mask[:3])
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (_obs_mask_on_the_prior, r"site 'x': obs_mask= on the DiffusionPrior site"),
+        (
+            _site_with(lambda x: dist.Normal(linear(x), SIGMA_Y).to_event(1), lambda m: m[:3]),
+            r"site 'y': obs_mask has shape \(3,\).*batch shape \(\).*or to its shape \(4,\)",
+        ),
+        (_in_plate, r"site 'y': obs_mask has shape \(3,\).*batch shape \(4,\) \(one entry"),
+        (
+            _site_with(lambda x: dist.MultivariateNormal(linear(x), jnp.eye(DY)), lambda m: m),
+            r"site 'y':.*MultivariateNormal does not split into entries",
+        ),
+        (
+            _site_with(lambda x: dist.Normal(linear(x), SIGMA_Y).to_event(1), jnp.float32),
+            r"site 'y': obs_mask must be a boolean array",
+        ),
+        (_uses_the_returned_value, r"site 'total':.*obs_mask= site\(s\) 'y'.*y_unobserved"),
+    ],
+    ids=["prior_site", "event_shape", "batch_shape", "multivariate", "not_bool", "used_later"],
+)
+def test_obs_mask_errors_name_the_site(model, match):
+    kwargs = {"y": observation("normal", linear), "mask": jnp.asarray(KEEP)}
+    with pytest.raises(ModelError, match=match):
+        read_model(model, kwargs=kwargs)

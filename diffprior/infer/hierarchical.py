@@ -23,7 +23,8 @@ methods are pure JAX functions of ``(x, theta)``. Two NumPyro MCMC kernels sampl
   estimate :math:`\hat p(y \mid \theta)` of TDS or MCGdiff;
 - :class:`ParticleGibbs`, particle Gibbs with ancestor sampling (Lindsten, Jordan & Schön
   2014): NUTS (or any NumPyro kernel) on :math:`\theta \mid x`, then the conditional twisted
-  SMC of :mod:`diffprior.kernels.csmc` on :math:`x \mid \theta`, then marginal
+  SMC of :mod:`diffprior.kernels.csmc` on :math:`x \mid \theta` (with TDS's subspace
+  proposal for a linear Gaussian likelihood, its guided one otherwise), then marginal
   Metropolis-Hastings moves of :math:`(\theta, x)` together on particle MCMC's extended
   target, which free :math:`\theta` where it and ``x`` pin each other.
 
@@ -54,13 +55,25 @@ from numpyro.ops.provenance import eval_provenance
 from numpyro.util import is_prng_key
 
 from diffprior.diffusion.grids import timesteps as make_timesteps
-from diffprior.infer.methods import TDS, MCGdiff, Method
-from diffprior.kernels import csmc
+from diffprior.infer.methods import (
+    TDS,
+    TDS_PROPOSALS,
+    MCGdiff,
+    Method,
+    _check_subspace_options,
+    _subspace_setup,
+    _use_subspace,
+)
+from diffprior.kernels import csmc, mcgdiff
 from diffprior.model import (
     ModelError,
     ObservationModel,
+    check_missing_unused,
+    hide_unobserved,
     is_diffusion_prior,
+    missing_sites,
     model_arguments,
+    reading_obs_mask,
     unwrap_distribution,
 )
 from diffprior.priors.diffusion_prior import DiffusionPrior
@@ -129,6 +142,10 @@ class HierarchicalModel:
         count in :meth:`log_likelihood`).
     likelihood_sites
         Every observed site and factor term: :meth:`log_likelihood` is their sum.
+    missing
+        The latent site of each ``obs_mask=`` site's missing entries -> its observed site
+        (:attr:`diffprior.model.ObservationModel.missing`): no theta site; the kernels draw it
+        from the likelihood given ``(x, theta)`` (:meth:`sample_unobserved`).
     """
 
     def __init__(
@@ -141,6 +158,7 @@ class HierarchicalModel:
         theta_sites: dict[str, ThetaSite],
         observed: dict[str, Array],
         likelihood_sites: Sequence[str],
+        missing: Mapping[str, str] | None = None,
     ) -> None:
         self.model = model
         self.args = tuple(args)
@@ -151,6 +169,7 @@ class HierarchicalModel:
         self.theta_sites = dict(theta_sites)
         self.observed = dict(observed)
         self.likelihood_sites = tuple(likelihood_sites)
+        self.missing = dict(missing or {})
 
     def __repr__(self) -> str:
         theta = ", ".join(f"{s.name}{s.shape}" for s in self.theta_sites.values())
@@ -164,7 +183,7 @@ class HierarchicalModel:
         """The model with the DiffusionPrior site (at zeros) and the likelihood hidden: a
         NumPyro model of the theta sites alone, for NumPyro's own transforms."""
         x = jnp.zeros(self.event_shape, jnp.result_type(float))
-        model = handlers.substitute(self.model, data={self.prior_site: x})
+        model = handlers.substitute(_hiding_missing(self.model), data={self.prior_site: x})
         return handlers.block(model, hide=[self.prior_site, *self.likelihood_sites])
 
     def constrain(self, unconstrained: Mapping[str, Array]) -> dict[str, Array]:
@@ -178,9 +197,16 @@ class HierarchicalModel:
         values = unconstrain_fn(self._theta_only(), self.args, self.kwargs, dict(theta))
         return {name: values[name] for name in self.theta_sites}
 
-    def _log_probs(self, x: Array, theta: Mapping[str, Array], hide: Sequence[str]) -> dict:
+    def _log_probs(
+        self,
+        x: Array,
+        theta: Mapping[str, Array],
+        hide: Sequence[str],
+        missing: Mapping[str, Array] | None = None,
+    ) -> dict:
         data = {**theta, self.prior_site: x}
-        model = handlers.block(handlers.substitute(self.model, data=data), hide=list(hide))
+        model = _hiding_missing(self.model, missing)
+        model = handlers.block(handlers.substitute(model, data=data), hide=list(hide))
         log_probs, _ = compute_log_probs(model, self.args, self.kwargs, params={})
         return log_probs
 
@@ -216,14 +242,21 @@ class HierarchicalModel:
             self.prior,
             self.observed,
             likelihood_sites=self.likelihood_sites,
+            missing=self.missing,
         )
+
+    def sample_unobserved(self, rng_key: Array, x: Array, theta: Mapping[str, Array]) -> dict:
+        r"""A draw of the missing entries of every ``obs_mask=`` site from the likelihood
+        :math:`p(y \mid x, \theta)`, their posterior given ``(x, theta)``; ``{}`` without
+        ``obs_mask``."""
+        return self.observation_model(theta).sample_unobserved(rng_key, x)
 
     def theta_model(self, x_kwarg: str, model: Callable | None = None) -> Callable:
         r"""The model as a NumPyro model of :math:`\theta` alone: it takes ``x`` through the
         keyword ``x_kwarg``, substitutes it and hides the DiffusionPrior site, so that
         NumPyro's kernels see :math:`p(\theta)\, p(y \mid x, \theta)` and never evaluate the
         prior's ``log_prob``. ``model`` replaces the model read (a wrapped copy of it)."""
-        model = self.model if model is None else model
+        model = _hiding_missing(self.model if model is None else model)
         prior_site = self.prior_site
 
         def theta_model(*args, **kwargs):
@@ -232,6 +265,13 @@ class HierarchicalModel:
             return handlers.block(conditioned, hide=[prior_site])(*args, **kwargs)
 
         return theta_model
+
+
+def _hiding_missing(model: Callable, values: Mapping[str, Array] | None = None) -> Callable:
+    """``model`` with the missing entries of its ``obs_mask=`` sites fixed at ``values``
+    (default: placeholders) and hidden (:class:`~diffprior.model.hide_unobserved`): a model of
+    theta, ``x`` and the observations only."""
+    return reading_obs_mask(hide_unobserved(model, values))
 
 
 def _trace_at(
@@ -250,9 +290,8 @@ def _trace_at(
             return jnp.zeros(msg["fn"].shape(), jnp.result_type(float))
         return _feasible_value(msg["fn"])
 
-    return handlers.trace(handlers.substitute(model, substitute_fn=value_at)).get_trace(
-        *args, **kwargs
-    )
+    model = handlers.substitute(reading_obs_mask(model), substitute_fn=value_at)
+    return handlers.trace(model).get_trace(*args, **kwargs)
 
 
 def read_hierarchical_model(
@@ -273,6 +312,10 @@ def read_hierarchical_model(
       prior's reverse diffusion, which must be the same for every :math:`\theta`), or a
       :math:`\theta` site's distribution depends on ``x``;
     - no observed site (or ``numpyro.factor``) depends on ``x``.
+
+    The missing entries of an ``obs_mask=`` site (``y_unobserved``) are no theta site: their
+    posterior given ``(x, theta)`` is the likelihood, and the kernels draw them from it
+    (:attr:`HierarchicalModel.missing`).
 
     Examples
     --------
@@ -316,9 +359,11 @@ def read_hierarchical_model(
             "plate and do not expand it"
         )
 
+    # the missing entries of obs_mask= sites: drawn given (x, theta), never theta sites
+    missing = missing_sites(sample_sites)
     theta_sites = {}
     for site in sample_sites:
-        if site is prior_site or site["is_observed"]:
+        if site is prior_site or site["is_observed"] or site["name"] in missing:
             continue
         fn = site["fn"]
         if fn.support.is_discrete:
@@ -346,7 +391,7 @@ def read_hierarchical_model(
         if site["is_observed"] and not _is_factor(site)
     }
     hm = HierarchicalModel(
-        model, args, kwargs, name, prior, theta_sites, observed, likelihood_sites
+        model, args, kwargs, name, prior, theta_sites, observed, likelihood_sites, missing
     )
     _check_dependencies(hm, trace)
     return hm
@@ -367,19 +412,24 @@ def _check_dependencies(hm: HierarchicalModel, trace: Mapping[str, Any]) -> None
             if isinstance(leaf, jax.Array | np.ndarray)
         ]
 
-    def site_terms(x, theta):
-        log_probs = hm._log_probs(x, theta, [hm.prior_site])
+    def site_terms(x, theta, missing):
+        log_probs = hm._log_probs(x, theta, [hm.prior_site], missing)
         return {site: log_probs[site] for site in [*hm.theta_sites, *hm.likelihood_sites]}
 
+    missing0 = {name: hm.observed[site] for name, site in hm.missing.items()}
     try:
         leaves = eval_provenance(prior_leaves, theta=theta0)
-        terms = eval_provenance(site_terms, x=x0, theta=theta0)
+        terms = eval_provenance(site_terms, x=x0, theta=theta0, missing=missing0)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError) as err:
         raise ModelError(
             "the model must be a pure JAX function of its latent sites (traceable by jax.jit: "
             f"no Python `if` on {hm.prior_site!r} or on {list(hm.theta_sites)}), but tracing it "
             f"failed with {type(err).__name__}"
         ) from err
+    check_missing_unused(
+        hm.observation_model(theta0),
+        {site: "missing" in sources for site, sources in terms.items()},
+    )
     if any("theta" in sources for sources in leaves):
         raise ModelError(
             f"site {hm.prior_site!r}: the DiffusionPrior's distribution depends on the latent "
@@ -458,11 +508,15 @@ class _HierarchicalKernel(MCMCKernel):
 
     def postprocess_fn(self, model_args, model_kwargs):
         """Unconstrained theta to each site's support (and any ``numpyro.deterministic``
-        sites); ``x`` as it is."""
+        sites); ``x`` and the missing entries of ``obs_mask=`` sites as they are."""
         args, kwargs = model_arguments(tuple(model_args), dict(model_kwargs or {}))
 
         def postprocess(z):
-            return constrain_fn(self._model, args, kwargs, z, return_deterministic=True)
+            # the missing entries, hidden from constrain_fn, set the deterministic site of
+            # their obs_mask= site and pass through
+            model = _hiding_missing(self._model, z)
+            values = constrain_fn(model, args, kwargs, z, return_deterministic=True)
+            return {**values, **{name: value for name, value in z.items() if name not in values}}
 
         return postprocess
 
@@ -650,13 +704,16 @@ class PMMH(_HierarchicalKernel):
             f"step size {float(state.step_size):.2e}. acc. prob={float(state.mean_accept_prob):.2f}"
         )
 
-    def _smc(self, key, hm: HierarchicalModel, theta, times) -> tuple[Array, Array]:
-        """One SMC run given theta: ``(log p^(y | theta), x)`` with ``x`` one particle drawn
-        by its final weight."""
+    def _smc(self, key, hm: HierarchicalModel, theta, times) -> tuple[Array, dict]:
+        """One SMC run given theta: ``(log p^(y | theta), draws)`` with ``draws`` the prior
+        site's ``x``, one particle drawn by its final weight, and the missing entries of any
+        ``obs_mask=`` site drawn given ``(x, theta)``."""
         prior = hm.prior
         obs = hm.observation_model(theta).in_latent_space()
         algorithm = self.method.build(prior, obs, times)
         key_init, key_run, key_draw = jax.random.split(key, 3)
+        if hm.missing:
+            key_draw, key_missing = jax.random.split(key_draw)
         state = algorithm.init(prior.sample_reference(key_init, (self.num_particles,)))
 
         def body(state, key):
@@ -665,7 +722,10 @@ class PMMH(_HierarchicalKernel):
         state, _ = jax.lax.scan(body, state, jax.random.split(key_run, self.num_steps))
         index = jax.random.categorical(key_draw, state.log_weights)
         x = prior.decode(state.particles[index])
-        return _finite_or(state.log_evidence, -jnp.inf), x
+        draws = {hm.prior_site: x}
+        if hm.missing:
+            draws.update(hm.sample_unobserved(key_missing, x, theta))
+        return _finite_or(state.log_evidence, -jnp.inf), draws
 
     def _init_chain(self, rng_key, init_params, hm, model_args, model_kwargs):
         times = self._timesteps(hm)
@@ -691,12 +751,12 @@ class PMMH(_HierarchicalKernel):
             u = unravel(jax.random.uniform(key_theta, flat.shape, minval=-2.0, maxval=2.0))
         else:
             u = template
-        log_evidence, x = self._smc(key_smc, hm, hm.constrain(u), times)
+        log_evidence, draws = self._smc(key_smc, hm, hm.constrain(u), times)
         log_density = _finite_or(log_evidence + hm.log_prior_unconstrained(u), -jnp.inf)
         zero = jnp.zeros((), jnp.result_type(float))
         return PMMHState(
             jnp.zeros((), jnp.int32),
-            {**u, hm.prior_site: x},
+            {**u, **draws},
             log_density,
             log_evidence,
             zero,
@@ -726,7 +786,7 @@ class PMMH(_HierarchicalKernel):
         u = {name: state.z[name] for name in hm.theta_sites}
         flat, unravel = ravel_pytree(u)
         proposal = unravel(flat + state.step_size * jax.random.normal(key_move, flat.shape))
-        log_evidence, x = self._smc(key_smc, hm, hm.constrain(proposal), times)
+        log_evidence, draws = self._smc(key_smc, hm, hm.constrain(proposal), times)
         log_density = _finite_or(log_evidence + hm.log_prior_unconstrained(proposal), -jnp.inf)
         log_ratio = _finite_or(log_density - state.log_density, -jnp.inf)
         accept_prob = jnp.exp(jnp.minimum(log_ratio, 0.0))
@@ -734,7 +794,7 @@ class PMMH(_HierarchicalKernel):
 
         z = jax.tree.map(
             lambda new, old: jnp.where(accept, new, old),
-            {**proposal, hm.prior_site: x},
+            {**proposal, **draws},
             state.z,
         )
         i = state.i + 1
@@ -757,6 +817,20 @@ class PMMH(_HierarchicalKernel):
             step_size,
             key,
         )
+
+
+def _probe_thetas(hm: HierarchicalModel) -> list[dict[str, Array]]:
+    """Two values of theta at which to read the likelihood's structure: the images of 0 and
+    of 0.5 in unconstrained space (nothing is drawn)."""
+    return [
+        hm.constrain(
+            {
+                name: jnp.full(site.unconstrained_shape, value, jnp.result_type(float))
+                for name, site in hm.theta_sites.items()
+            }
+        )
+        for value in (0.0, 0.5)
+    ]
 
 
 def _where_valid(valid: Array, kept: Any, fresh: Any) -> Any:
@@ -844,7 +918,8 @@ class ParticleGibbs(_HierarchicalKernel):
        :math:`p(\theta)\, p(y \mid x, \theta)` with ``x`` fixed (the prior's density does not
        involve :math:`\theta`, so it drops out);
     2. :math:`x_{0:K} \mid \theta, y`: one sweep of conditional twisted SMC with ancestor
-       sampling (:mod:`diffprior.kernels.csmc`) with TDS's twists and guided proposal, which
+       sampling (:mod:`diffprior.kernels.csmc`) with TDS's twists and proposal (``proposal``:
+       the subspace one for a linear Gaussian likelihood, the guided one otherwise), which
        keeps the current path as its reference and draws a new one;
     3. :math:`(\theta, x_{0:K})` together (``marginal_moves`` > 0): particle marginal
        Metropolis-Hastings moves on the extended target of particle MCMC, below.
@@ -860,7 +935,7 @@ class ParticleGibbs(_HierarchicalKernel):
     **The marginal move** (Andrieu, Doucet & Holenstein 2010, the extended target on which
     both PMMH and particle Gibbs are exact). Write :math:`\xi` for every particle and ancestor
     index of one sweep of twisted SMC at :math:`\theta` (multinomial resampling at every step,
-    TDS's guided proposal), :math:`\psi_\theta(\xi)` for its law when run unconditionally,
+    the sweep's proposal), :math:`\psi_\theta(\xi)` for its law when run unconditionally,
     :math:`\hat Z_\theta(\xi) = \prod_k \frac1N \sum_i w^i_k` for its evidence estimate and
     :math:`W^j` for its final normalised weights. The extended target
 
@@ -898,8 +973,9 @@ class ParticleGibbs(_HierarchicalKernel):
     ``marginal_moves`` = m, step b runs m times in a row after one step a, the current
     estimate being the last accepted one (PMMH on :math:`\tilde\pi`). Unlike :class:`PMMH`'s,
     the current estimate is redrawn at every iteration, so one lucky estimate does not hold
-    the chain; but where one sweep's log-evidence varies by several units (a noise level near
-    zero, where ``x`` interpolates the data) the moves rarely get in or out. The step
+    the chain; but where one sweep's log-evidence varies by several units (the guided
+    proposal's at a noise level near zero, where ``x`` interpolates the data) the moves rarely
+    get in or out. The step
     :math:`h` is adapted during warmup as :class:`PMMH` adapts its own (towards
     ``marginal_target_accept_prob``). Each iteration costs one more conditional sweep and m
     unconditional ones.
@@ -919,6 +995,18 @@ class ParticleGibbs(_HierarchicalKernel):
         implement ``refresh`` (NumPyro's HMC and NUTS do): ``x`` changes between its moves.
     scale, eta, variance_inflation, spacing
         The twisted proposal's options, as for :class:`diffprior.TDS` (``eta`` must be > 0).
+    proposal
+        ``"auto"`` (default), ``"guided"`` or ``"subspace"``, as for :class:`diffprior.TDS`.
+        ``"subspace"``, for a likelihood linear in ``x`` with Normal noise (whose operator,
+        gain and noise scale may depend on :math:`\theta`: the whitened SVD is computed in
+        each sweep from the current :math:`\theta`), proposes the observed directions from
+        the twisted transition's own Gaussian (:func:`diffprior.kernels.mcgdiff.subspace_proposal`;
+        no network gradient); its weights, and so the sweep's evidence, stay precise down to
+        near-noiseless data. ``"guided"`` shifts the reverse step along the twist's gradient,
+        for any likelihood. ``"auto"`` takes ``"subspace"`` when the likelihood is linear
+        Gaussian at two values of :math:`\theta` (the images of 0 and 0.5 in unconstrained
+        space, read when the chain starts) and the guided-only options (``scale``,
+        ``variance_inflation``) are at their defaults, else ``"guided"``. MEASURED_PLACEHOLDER
     ancestor_sampling
         Redraw the reference's ancestors (default); ``False`` is plain particle Gibbs, valid
         but with a reference path that rarely moves at high noise.
@@ -967,6 +1055,7 @@ class ParticleGibbs(_HierarchicalKernel):
         eta: float = 1.0,
         variance_inflation: str | None = "jacobian",
         spacing: str = "uniform",
+        proposal: str = "auto",
         ancestor_sampling: bool = True,
         marginal_moves: int = 0,
         marginal_step_size: float = 0.5,
@@ -984,6 +1073,13 @@ class ParticleGibbs(_HierarchicalKernel):
         )
         if not self._tds.options["eta"] > 0:
             raise ValueError("eta must be > 0 for ParticleGibbs (stochastic reverse steps)")
+        if proposal not in TDS_PROPOSALS:
+            raise ValueError(f"proposal must be one of {TDS_PROPOSALS}, got {proposal!r}")
+        self.proposal = proposal
+        self._subspace_ok = _check_subspace_options(
+            self.__class__.__name__, proposal, self._tds.options
+        )
+        self._subspace = proposal == "subspace"
         if not isinstance(ancestor_sampling, bool):
             raise TypeError(f"ancestor_sampling must be True or False, got {ancestor_sampling!r}")
         if not (theta_kernel is None or callable(theta_kernel)):
@@ -1027,6 +1123,16 @@ class ParticleGibbs(_HierarchicalKernel):
 
     def _check(self, hm: HierarchicalModel) -> None:
         self._inner = self._build_inner(hm)
+        # the likelihood must be linear Gaussian in x whatever theta: read at two values
+        self._subspace = all(
+            _use_subspace(
+                self.__class__.__name__,
+                self.proposal,
+                hm.observation_model(theta).in_latent_space(),
+                self._subspace_ok,
+            )
+            for theta in _probe_thetas(hm)
+        )
 
     def get_diagnostics_str(self, state: ParticleGibbsState) -> str:
         return self._inner.get_diagnostics_str(state.theta_state) if self._inner else ""
@@ -1039,19 +1145,27 @@ class ParticleGibbs(_HierarchicalKernel):
         prior = hm.prior
         obs = hm.observation_model(theta).in_latent_space()
         options = self._tds.options
-        arguments = (
+        times = self._timesteps(hm)
+        if self._subspace:
+            # the whitened SVD of the likelihood at this (traced) theta
+            svd, setup = _subspace_setup(prior, obs, times)
+            proposal = mcgdiff.subspace_proposal(
+                prior.denoiser, times, svd, eta=options["eta"], **setup
+            )
+        else:
+            proposal = csmc.guided_proposal(
+                prior.denoiser,
+                self._tds.twist_fn(prior, obs),
+                times,
+                eta=options["eta"],
+                scale=options["scale"],
+            )
+        return csmc.sweep_with(
             key,
             path,
-            prior.denoiser,
-            self._tds.twist_fn(prior, obs),
-            self._timesteps(hm),
+            proposal,
             self.num_particles,
             prior.sample_reference,
-        )
-        return csmc.sweep(
-            *arguments,
-            eta=options["eta"],
-            scale=options["scale"],
             ancestor_sampling=ancestor_sampling,
         )
 
@@ -1074,8 +1188,14 @@ class ParticleGibbs(_HierarchicalKernel):
         x = hm.prior.decode(path[-1])
         diverging = getattr(theta_state, "diverging", jnp.zeros((), bool))
         moves = jnp.mean(info.reference_ancestors != 0)
+        missing = {}
+        if hm.missing:
+            # the missing entries of obs_mask= sites, drawn given (x, theta): they enter no
+            # other move, so a fresh draw at every iteration is exact
+            key, key_missing = jax.random.split(key)
+            missing = hm.sample_unobserved(key_missing, x, self._theta(hm, theta_state))
         return ParticleGibbsState(
-            {**theta_state.z, hm.prior_site: x},
+            {**theta_state.z, hm.prior_site: x, **missing},
             theta_state,
             path,
             diverging,
@@ -1147,7 +1267,9 @@ class ParticleGibbs(_HierarchicalKernel):
             new_log_density = _finite_or(
                 new_info.log_evidence + hm.log_prior_unconstrained(proposal), -jnp.inf
             )
-            log_ratio = _finite_or(new_log_density - log_density, -jnp.inf)
+            # a current estimate of zero (a degenerate sweep) is left for any finite proposal
+            log_ratio = new_log_density - log_density
+            log_ratio = jnp.where(jnp.isnan(log_ratio), -jnp.inf, log_ratio)
             accept_prob = jnp.exp(jnp.minimum(log_ratio, 0.0))
             accept = jax.random.uniform(key_accept) < accept_prob
             carry = jax.tree.map(

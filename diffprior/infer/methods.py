@@ -240,9 +240,13 @@ class DPS(Method):
 
     def build(self, prior, obs, timesteps):
         opts = self._options
+        # masked (and scaled) observations weigh in the residual as in the likelihood
+        weights = obs.observation_weights()
+        root = None if weights is None else jnp.sqrt(weights)
 
         def residual_fn(x0):
-            return obs.observed_flat - obs.observation_mean(x0)
+            residual = obs.observed_flat - obs.observation_mean(x0)
+            return residual if root is None else root * residual
 
         return dps.as_top_level_api(
             prior.denoiser,
@@ -536,30 +540,35 @@ def _use_subspace(method: str, proposal: str, obs: ObservationModel, compatible:
     return True
 
 
+def _subspace_setup(prior, obs, timesteps) -> tuple[WhitenedSVD, dict[str, Any]]:
+    """The model's whitened SVD and the options of the subspace proposal on it: the prior's
+    moments along its directions, and the calibrated twist where the prior is calibrated
+    (the one setup of :func:`_subspace_kernel` and of particle Gibbs's subspace sweep)."""
+    svd = obs.linear_gaussian()
+    data_mean, data_variance = _moments_along(prior, svd)
+    options = {"data_mean": data_mean, "data_variance": data_variance}
+    calibration = getattr(prior, "calibration", None)
+    if calibration is not None:
+        options["data_variance"] = _calibrated_variance(prior, svd, timesteps, data_variance)
+        options["twist_shrinkage"] = jax.vmap(calibration.shrinkage_at)(timesteps)
+        centre = jnp.reshape(calibration.mean, (1, *prior.latent_shape))
+        options["twist_centre"] = svd.V_T(centre)[0]
+    return svd, options
+
+
 def _subspace_kernel(prior, obs, timesteps, options, **mcgdiff_options) -> SamplingAlgorithm:
     """The MCGdiff kernel of the model (its defaults: the tweedie potential and the twist
     unless ``mcgdiff_options`` say otherwise), with ``eta``, ``ess_threshold`` and
     ``resampling`` from ``options``: :class:`MCGdiff`, and TDS's and FK's subspace proposal."""
-    svd = obs.linear_gaussian()
-    data_mean, data_variance = _moments_along(prior, svd)
-    calibration = getattr(prior, "calibration", None)
-    if calibration is not None:
-        data_variance = _calibrated_variance(prior, svd, timesteps, data_variance)
-        mcgdiff_options = {
-            "twist_shrinkage": jax.vmap(calibration.shrinkage_at)(timesteps),
-            "twist_centre": svd.V_T(jnp.reshape(calibration.mean, (1, *prior.latent_shape)))[0],
-            **mcgdiff_options,
-        }
+    svd, setup = _subspace_setup(prior, obs, timesteps)
     return mcgdiff.from_linear_gaussian(
         prior.denoiser,
         timesteps,
         svd,
-        data_mean=data_mean,
-        data_variance=data_variance,
         eta=options["eta"],
         ess_threshold=options["ess_threshold"],
         resampling=options["resampling"],
-        **mcgdiff_options,
+        **{**setup, **mcgdiff_options},
     )
 
 

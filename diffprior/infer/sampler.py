@@ -100,11 +100,15 @@ class ParticleResults:
 
     def get_samples(self, group_by_chain: bool = False) -> dict[str, jax.Array]:
         """Equal-weight posterior draws ``{site: (num_chains * num_particles, *event)}``, or
-        ``(num_chains, num_particles, *event)`` with ``group_by_chain=True``."""
-        samples = self._require_result()["samples"]
+        ``(num_chains, num_particles, *event)`` with ``group_by_chain=True``: the
+        DiffusionPrior site and, for each ``obs_mask=`` site ``y``, ``y_unobserved`` drawn from
+        the likelihood at each draw of ``x`` (the posterior predictive of its missing entries;
+        :meth:`~diffprior.model.ObservationModel.sample_unobserved`)."""
+        result = self._require_result()
+        draws = {self._obs.prior_site: result["samples"], **result.get("unobserved", {})}
         if not group_by_chain:
-            samples = samples.reshape((-1, *samples.shape[2:]))
-        return {self._obs.prior_site: samples}
+            draws = {name: value.reshape((-1, *value.shape[2:])) for name, value in draws.items()}
+        return draws
 
 
 class Sampler(ParticleResults):
@@ -284,6 +288,8 @@ class Sampler(ParticleResults):
             # plots do not read the copies as a stuck Markov chain
             return x[jax.random.permutation(order_key, idx)]
 
+        if obs.missing:
+            final_key, missing_key = jax.random.split(final_key)
         if method.is_smc:
             samples = jax.vmap(final_resample)(
                 jax.random.split(final_key, num_chains), particles, log_weights
@@ -291,6 +297,11 @@ class Sampler(ParticleResults):
         else:
             samples = particles
         pointwise = jax.vmap(jax.vmap(obs.pointwise_log_likelihood))(samples)
+        unobserved = {}
+        if obs.missing:
+            # the missing entries of obs_mask= sites: their posterior given x is the likelihood
+            draw_keys = jax.random.split(missing_key, (num_chains, num_particles))
+            unobserved = jax.vmap(jax.vmap(obs.sample_unobserved))(draw_keys, samples)
         result = {
             "samples": samples,
             "particles": particles,
@@ -298,6 +309,7 @@ class Sampler(ParticleResults):
             "log_evidence": log_evidence,
             "per_step": per_step,
             "pointwise_log_likelihood": pointwise,
+            "unobserved": unobserved,
         }
         if mesh is not None and jax.process_count() > 1:
             # every process reads the whole run, as on one host

@@ -347,7 +347,7 @@ def _conditioned(obs: ObservationModel, x: Array, handler: Callable | None = Non
     prior site hidden."""
     if obs.decode is not None:
         x = obs.decode(x)
-    model = handlers.substitute(obs.model, data={obs.prior_site: x})
+    model = handlers.substitute(obs.likelihood_model(), data={obs.prior_site: x})
     if handler is not None:
         model = handler(model)
     return handlers.seed(handlers.block(model, hide=[obs.prior_site]), rng_seed=0)

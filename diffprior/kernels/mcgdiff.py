@@ -88,7 +88,7 @@ from blackjax.base import SamplingAlgorithm
 
 from diffprior.diffusion.denoiser import Denoiser
 from diffprior.diffusion.transitions import tweedie_variance
-from diffprior.kernels import smc
+from diffprior.kernels import csmc, smc
 from diffprior.linear_gaussian import WhitenedSVD
 from diffprior.types import Array, ArrayLike, PRNGKey
 
@@ -102,6 +102,7 @@ __all__ = [
     "build_kernel",
     "as_top_level_api",
     "from_linear_gaussian",
+    "subspace_proposal",
 ]
 
 
@@ -305,6 +306,86 @@ def _log_correction(twist, basis, pseudo_obs, x0_hat, log_potential, k, is_last,
     return jnp.where(is_last, 0.0, twist_sum - log_potential)
 
 
+def _last_step_variance(denoiser: Denoiser, timesteps: Array, data_variance: ArrayLike) -> Array:
+    r"""The floor on the last reverse step's variance: the last step of a network without
+    local variance is deterministic, and a pinned (noiseless) coordinate needs its spread
+    :math:`\mathrm{Var}[x_0 \mid x_{t_{K-1}}]` for the weights to exist."""
+    variance_rows = jnp.asarray(data_variance, jnp.float32)
+    last_row = variance_rows[-2] if variance_rows.ndim == 2 else variance_rows
+    return tweedie_variance(denoiser.schedule, timesteps[-2], jnp.mean(last_row))
+
+
+class _ObservedGaussian(NamedTuple):
+    """The proposal along the observed directions, ``(N, r)`` each: its ``mean`` and ``std``,
+    and ``total`` :math:`a^2 v + e`, the variance of its normaliser :math:`N(\\tilde y;\\
+    \\text{predicted},\\ a^2 v + e)`."""
+
+    mean: Array
+    std: Array
+    total: Array
+
+
+def _observed_gaussian(mean_coords, variance, predicted, slope, obs_variance, pseudo_obs):
+    """The reverse step :math:`N(\\bar m, v)` times the potential :math:`N(\\tilde y;\\
+    \\text{predicted} + a (\\bar x - \\bar m),\\ e)`, a Kalman update in closed form; a zero
+    total variance pins the coordinate."""
+    total = slope**2 * variance + obs_variance
+    pinned = total <= 0.0
+    gain = jnp.where(pinned, 1.0 / slope, slope * variance / jnp.where(pinned, 1.0, total))
+    proposal_mean = mean_coords + gain * (pseudo_obs - predicted)
+    # v (1 - gain a) = v e / total: no cancellation when e << a^2 v (near-noiseless y)
+    proposal_var = jnp.where(pinned, 0.0, variance * obs_variance / jnp.where(pinned, 1.0, total))
+    return _ObservedGaussian(proposal_mean, jnp.sqrt(jnp.maximum(proposal_var, 0.0)), total)
+
+
+def _draw(basis, step_mean, variance, noise, mean_coords, gaussian, active):
+    """``(x_s, V^T x_s)`` from one standard normal ``noise`` (particles' shape): the reverse
+    step ``N(step_mean, variance)`` (``variance`` ``(N,)``) off the ``active`` directions,
+    ``gaussian`` along them."""
+    x_prior = step_mean + jnp.sqrt(variance).reshape((-1,) + (1,) * (noise.ndim - 1)) * noise
+    noise_coords = _project(basis, noise)
+    prior_coords = mean_coords + jnp.sqrt(variance[:, None]) * noise_coords
+    new_coords = jnp.where(active, gaussian.mean + gaussian.std * noise_coords, prior_coords)
+    return x_prior + _lift(basis, new_coords - prior_coords, x_prior.shape), new_coords
+
+
+def _make_twist(
+    denoiser: Denoiser,
+    timesteps: Array,
+    noise_ratio: Array,
+    data_variance: ArrayLike,
+    twist_shrinkage: ArrayLike | None = None,
+    twist_centre: ArrayLike | None = None,
+) -> Twist:
+    """The :class:`Twist` for noise ratios :math:`c_i` ``(r,)`` (options as in
+    :func:`as_top_level_api`)."""
+    noise_ratio = jnp.asarray(noise_ratio, jnp.float32)
+    # Var[x0_i | x_t] along each direction, (K + 1, r)
+    direction_variance = _per_time(data_variance, timesteps.shape[0], noise_ratio.shape)
+    tweedie = jax.vmap(lambda t, v: tweedie_variance(denoiser.schedule, t, v))(
+        timesteps, direction_variance
+    )
+    variance = noise_ratio[None, :] ** 2 + tweedie
+    if twist_shrinkage is None:
+        return Twist(variance)
+    shrinkage = jnp.broadcast_to(jnp.asarray(twist_shrinkage, jnp.float32), timesteps.shape)
+    centre = jnp.broadcast_to(jnp.asarray(twist_centre, jnp.float32), noise_ratio.shape)
+    return Twist(variance, shrinkage, centre)
+
+
+def _pseudo_observations(svd: WhitenedSVD, noiseless: bool = False):
+    r"""``(pseudo_obs, noise_ratio, observed, log_evidence_offset)`` of a whitened SVD, as
+    :func:`from_linear_gaussian` describes them."""
+    observed = svd.observed
+    safe = jnp.where(observed, svd.singular, 1.0)
+    pseudo_obs = jnp.where(observed, svd.coords_y / safe, 0.0)
+    noise_ratio = jnp.where(observed & (not noiseless), 1.0 / safe, 0.0)
+    offset = -svd.log_scale_sum - jnp.sum(jnp.where(observed, jnp.log(safe), 0.0))
+    if not noiseless:
+        offset = offset + svd.log_residual_density()
+    return pseudo_obs, noise_ratio, observed, offset
+
+
 def build_kernel(
     denoiser: Denoiser,
     timesteps: Array,
@@ -329,11 +410,7 @@ def build_kernel(
     if anchored and twist is None:
         raise ValueError("anchored potentials need the twist: the potential depends on the parent")
     last_step = timesteps.shape[0] - 2
-    # the last reverse step of a network without local variance is deterministic; a pinned
-    # (noiseless) coordinate needs its spread Var[x0 | x_t1] for the weights to exist
-    variance_rows = jnp.asarray(data_variance, jnp.float32)
-    last_row = variance_rows[-2] if variance_rows.ndim == 2 else variance_rows
-    last_variance = tweedie_variance(denoiser.schedule, timesteps[-2], jnp.mean(last_row))
+    last_variance = _last_step_variance(denoiser, timesteps, data_variance)
 
     def transition(x_t, x0_hat, t, s):
         return denoiser.transition(x_t, x0_hat, t, s, eta)
@@ -357,35 +434,22 @@ def build_kernel(
             # drawn once: fused into each of its uses (the step, its projection) XLA would
             # recompute it there, which dominates the step at image sizes on CPU
             noise = jax.lax.optimization_barrier(noise)
-            x_prior = step.mean + jnp.sqrt(variance).reshape((-1,) + (1,) * (x_t.ndim - 1)) * noise
-            variance = variance[:, None]  # one isotropic variance per particle, against (N, r)
-
-            # the observed directions: reverse step N(m, v) times the potential N(y; a x + b, e),
-            # a Kalman update in closed form; a zero total variance pins the coordinate
             mean_coords = _project(basis, step.mean)
-            noise_coords = _project(basis, noise)
             if anchored:  # E[x0_hat(x_s) | x_t] = x0_hat(x_t); the last potential is the likelihood
                 anchor = twist.coords(basis, x0_hat_t, k)
                 predicted = jnp.where(k == last_step, mean_coords, anchor)
             else:
                 anchor = None
                 predicted = slope * mean_coords + offset
-            total = slope**2 * variance + obs_variance
-            pinned = total <= 0.0
-            gain = jnp.where(pinned, 1.0 / slope, slope * variance / jnp.where(pinned, 1.0, total))
-            proposal_mean = mean_coords + gain * (pseudo_obs - predicted)
-            # v (1 - gain a) = v e / total: no cancellation when e << a^2 v (near-noiseless y)
-            proposal_var = jnp.where(
-                pinned, 0.0, variance * obs_variance / jnp.where(pinned, 1.0, total)
+            # one isotropic variance per particle, against (N, r)
+            gaussian = _observed_gaussian(
+                mean_coords, variance[:, None], predicted, slope, obs_variance, pseudo_obs
             )
-            proposal_std = jnp.sqrt(jnp.maximum(proposal_var, 0.0))
-            prior_coords = mean_coords + jnp.sqrt(variance) * noise_coords
-            new_coords = jnp.where(
-                active, proposal_mean + proposal_std * noise_coords, prior_coords
+            x_s, new_coords = _draw(
+                basis, step.mean, variance, noise, mean_coords, gaussian, active
             )
-            x_s = x_prior + _lift(basis, new_coords - prior_coords, x_prior.shape)
             # new_coords is V^T x_s: the weights need not project x_s again
-            return x_s, (mean_coords, anchor, predicted, total, new_coords)
+            return x_s, (mean_coords, anchor, predicted, gaussian.total, new_coords)
 
         def weight_fn(x_t, carried, x_s, aux):
             _, correction_t = carried
@@ -534,18 +598,9 @@ def as_top_level_api(
     anchored = potential in ANCHORED_POTENTIALS
     twist = None
     if twisted:
-        # Var[x0_i | x_t] along each direction, (K + 1, r)
-        direction_variance = _per_time(data_variance, timesteps.shape[0], pseudo_obs.shape)
-        tweedie = jax.vmap(lambda t, v: tweedie_variance(denoiser.schedule, t, v))(
-            timesteps, direction_variance
+        twist = _make_twist(
+            denoiser, timesteps, noise_ratio, data_variance, twist_shrinkage, twist_centre
         )
-        variance = jnp.asarray(noise_ratio, jnp.float32)[None, :] ** 2 + tweedie
-        if twist_shrinkage is None:
-            twist = Twist(variance)
-        else:
-            shrinkage = jnp.broadcast_to(jnp.asarray(twist_shrinkage, jnp.float32), timesteps.shape)
-            centre = jnp.broadcast_to(jnp.asarray(twist_centre, jnp.float32), pseudo_obs.shape)
-            twist = Twist(variance, shrinkage, centre)
     kernel = build_kernel(
         denoiser,
         timesteps,
@@ -623,13 +678,7 @@ def from_linear_gaussian(
     >>> bool(abs(state.log_evidence - exact) < 0.05)
     True
     """
-    observed = svd.observed
-    safe = jnp.where(observed, svd.singular, 1.0)
-    pseudo_obs = jnp.where(observed, svd.coords_y / safe, 0.0)
-    noise_ratio = jnp.where(observed & (not noiseless), 1.0 / safe, 0.0)
-    offset = -svd.log_scale_sum - jnp.sum(jnp.where(observed, jnp.log(safe), 0.0))
-    if not noiseless:
-        offset = offset + svd.log_residual_density()
+    pseudo_obs, noise_ratio, observed, offset = _pseudo_observations(svd, noiseless)
     return as_top_level_api(
         denoiser,
         timesteps,
@@ -648,3 +697,97 @@ def from_linear_gaussian(
         resampling=resampling,
         log_evidence_offset=offset,
     )
+
+
+def subspace_proposal(
+    denoiser: Denoiser,
+    timesteps: Array,
+    svd: WhitenedSVD,
+    *,
+    eta: ArrayLike = 1.0,
+    data_mean: ArrayLike = 0.0,
+    data_variance: ArrayLike = 1.0,
+    twist_shrinkage: ArrayLike | None = None,
+    twist_centre: ArrayLike | None = None,
+) -> csmc.Proposal:
+    r"""The twisted step of this kernel (the ``"tweedie"`` potential with the twist, the
+    defaults of :func:`from_linear_gaussian`) as a :class:`diffprior.kernels.csmc.Proposal`,
+    for the conditional SMC sweep of particle Gibbs (:func:`diffprior.kernels.csmc.sweep_with`,
+    whose module docstring has its weights).
+
+    The particles are proposed as this kernel proposes them (one standard normal draw per
+    step: the Kalman update along the observed directions, the reverse step elsewhere); the
+    twist is :class:`Twist`, the exact likelihood of the particle itself at ``t = 0``; and the
+    weight :math:`Z\, h_k / (g\, h_{k-1})` is evaluated at any child, so that the reference
+    path is weighted as a drawn particle would be. The twist over the potential is taken
+    direction by direction from one residual, so that at the last step, where both are the
+    likelihood, it is exactly 1 (the reference's likelihood does not enter its weight through
+    float rounding, however small the noise). The log-evidence is that of
+    :math:`y` (with :func:`from_linear_gaussian`'s offset). Options as in
+    :func:`from_linear_gaussian`; ``svd`` may hold traced values (a noise level or a gain
+    sampled with ``x``).
+    """
+    pseudo_obs, noise_ratio, observed, offset = _pseudo_observations(svd)
+    plan = potential_plan(
+        denoiser, timesteps, noise_ratio, observed, "tweedie", data_mean, data_variance
+    )
+    twist = _make_twist(
+        denoiser, timesteps, noise_ratio, data_variance, twist_shrinkage, twist_centre
+    )
+    num_steps = timesteps.shape[0] - 1
+    last_variance = _last_step_variance(denoiser, timesteps, data_variance)
+    step_fn = jax.vmap(denoiser.transition, in_axes=(0, 0, None, None, None))
+
+    def evaluate(x, k):
+        x0_hat = _x0_hat(denoiser, x, timesteps[k])
+        coords = _project(svd, x)
+        # the twist per direction; at t = 0 the likelihood of x itself
+        at_end = k == num_steps
+        residual = pseudo_obs - jnp.where(at_end, coords, twist.coords(svd, x0_hat, k))
+        variance = jnp.where(at_end, noise_ratio**2, twist.variance[k])
+        terms = jnp.where(observed, _log_normal(residual, 0.0, variance), 0.0)
+        return csmc.Particles(x, jnp.sum(terms, axis=-1), (x0_hat, coords, terms))
+
+    def transition(particles, k):
+        x0_hat = particles.extra[0]
+        step = step_fn(particles.x, x0_hat, timesteps[k], timesteps[k + 1], eta)
+        is_last = k == num_steps - 1
+        variance = jnp.where(is_last, jnp.maximum(step.variance, last_variance), step.variance)
+        mean_coords = _project(svd, step.mean)
+        # E[x0_hat(x_s) | x_t] = x0_hat(x_t); the last potential is the likelihood
+        predicted = jnp.where(is_last, mean_coords, twist.coords(svd, x0_hat, k))
+        gaussian = _observed_gaussian(
+            mean_coords,
+            variance[:, None],
+            predicted,
+            plan.slope[k + 1],
+            plan.variance[k + 1],
+            pseudo_obs,
+        )
+        # the variance depends on t and s only
+        return csmc.Move(step.mean, variance[0], (mean_coords, predicted, gaussian))
+
+    def sample(rng_key, parents, move, k):
+        mean_coords, _, gaussian = move.extra
+        noise = jax.random.normal(rng_key, parents.x.shape)
+        variance = jnp.broadcast_to(move.variance, parents.log_twist.shape)
+        return _draw(svd, move.mean, variance, noise, mean_coords, gaussian, observed)[0]
+
+    def log_weight(parents, move, children, k):
+        # Z(x_t) h_s(x_s) / (g(V^T x_s | x_t) h_t(x_t)), h_s / g direction by direction
+        mean_coords, predicted, gaussian = move.extra
+        _, coords, twist_terms = children.extra
+        slope = plan.slope[k + 1]
+        # y~ - predicted - a (x_s - m), from the twist's residual at the last step (y~ - x_s),
+        # where a = 1 and predicted = m: both the likelihood, cancelling exactly
+        residual = (
+            (pseudo_obs - coords)
+            + (1.0 - slope) * (coords - mean_coords)
+            + (mean_coords - predicted)
+        )
+        potential = _log_normal(residual, 0.0, plan.variance[k + 1])
+        normaliser = _log_normal(pseudo_obs, predicted, gaussian.total)
+        terms = jnp.where(observed, normaliser + (twist_terms - potential), 0.0)
+        return jnp.sum(terms, axis=-1) - parents.log_twist
+
+    return csmc.Proposal(evaluate, transition, sample, log_weight, num_steps, offset)
