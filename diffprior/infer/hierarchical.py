@@ -1006,7 +1006,12 @@ class ParticleGibbs(_HierarchicalKernel):
         for any likelihood. ``"auto"`` takes ``"subspace"`` when the likelihood is linear
         Gaussian at two values of :math:`\theta` (the images of 0 and 0.5 in unconstrained
         space, read when the chain starts) and the guided-only options (``scale``,
-        ``variance_inflation``) are at their defaults, else ``"guided"``. MEASURED_PLACEHOLDER
+        ``variance_inflation``) are at their defaults, else ``"guided"``. Measured
+        (``benchmarks/results/hierarchical.md``; d = 80, unknown noise level, 16
+        observations, 64 particles, 30 steps): one subspace sweep's log-evidence has a
+        standard deviation of 0.28 at :math:`\sigma = 0.1` (guided: 4.2), so that with
+        ``marginal_moves=1`` the chain reaches the small noise levels (Kolmogorov distance
+        0.047, R-hat 1.010; guided: 0.138 and 1.054), and with 2 moves 0.027 and 1.001.
     ancestor_sampling
         Redraw the reference's ancestors (default); ``False`` is plain particle Gibbs, valid
         but with a reference path that rarely moves at high noise.
@@ -1019,7 +1024,8 @@ class ParticleGibbs(_HierarchicalKernel):
         (a gain; a noise level with more dimensions than observations) and does not where
         they are not (2.4 times fewer effective draws per second), hence off by default: turn
         it on (1 or 2) when :math:`\theta`'s effective sample size or R-hat says the chain
-        is stuck.
+        is stuck. (Those measurements were with the guided sweep; with the subspace one the
+        moves are what make a noise level right that ``x`` can absorb, see ``proposal``.)
     marginal_step_size
         Initial random-walk scale of the marginal moves on the unconstrained theta (divided by
         the square root of its dimension, as :class:`PMMH`'s ``step_size``).
