@@ -2,9 +2,9 @@
 
 With them on (jaxlib 0.12), a compiled program returned wrong values in some calls and right
 ones in others, on the same inputs. The checks here compare compiled programs against a float64
-reference over many calls, in this process (diffprior imported first, the flag in effect) and
-in a subprocess with the flag kept out, where they must show the fault for the check to mean
-anything.
+reference over many calls, in this process (diffprior imported first, the flag in effect).
+The fault itself is intermittent and depends on the machine, so showing it with the flag kept
+out is a benchmark (``benchmarks/xla_cpu_fusions.py``), not a test.
 """
 
 from __future__ import annotations
@@ -92,9 +92,10 @@ def _mixture_reference(net, schedule, x, t):
     return resp @ means + z * (resp @ gain) - a * (resp @ (gain * means))
 
 
-def _worst_errors():
+def _worst_errors(corrupt=lambda values: values):
     """Largest error of a compiled 512-particle denoiser call (arrays closed over, the layout
-    that showed the fault) against the float64 reference, for NUM_CALLS noise levels."""
+    that showed the fault) against the float64 reference, for NUM_CALLS noise levels;
+    ``corrupt`` is applied to each call's output (the identity but in the test of the check)."""
     problem = dp.problems.mixture_problem(jax.random.key(0), 8, 2)
     denoiser = problem.prior.denoiser
     data = problem.prior.sample(jax.random.key(1), (512,))
@@ -105,7 +106,7 @@ def _worst_errors():
         alpha, sigma = denoiser.schedule.alpha(t), denoiser.schedule.sigma(t)
         x_t = alpha * data + sigma * jax.random.normal(jax.random.key(i), data.shape)
         exact = _mixture_reference(denoiser.net_fn, denoiser.schedule, x_t, t)
-        errors.append(float(np.max(np.abs(np.asarray(run(x_t, t)) - exact))))
+        errors.append(float(np.max(np.abs(corrupt(np.asarray(run(x_t, t))) - exact))))
     return np.array(errors)
 
 
@@ -125,21 +126,16 @@ def test_calibrate_is_reproducible_on_a_mixture():
     assert np.all(np.diff(total) > 0), total.round(2)
 
 
-@pytest.mark.slow
-def test_the_check_sees_the_fault_with_the_fusions_on():
-    """The same comparison in a process that keeps the fusions: some call must go wrong in a
-    few tries, or the checks above could not fail."""
-    code = f"""
-        import sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_xla_flags import _worst_errors
-        worst = 0.0
-        for _ in range(5):  # stop at the first wrong call
-            worst = max(worst, float(_worst_errors().max()))
-            if worst > 1e-2:
-                break
-        print(worst)
-        """
-    out = _python(code, DIFFPRIOR_KEEP_XLA_FLAGS="1", JAX_PLATFORMS="cpu")
-    assert out.returncode == 0, out.stderr
-    assert float(out.stdout.split()[-1]) > 1e-2
+def test_the_check_fails_on_a_wrong_call():
+    """The comparison must catch one wrong call among NUM_CALLS, of the size the fusions gave
+    (errors of order 1 on values of order 10), or the checks above could not fail. Whether
+    XLA's fusions still go wrong on a given machine is measured by
+    ``benchmarks/xla_cpu_fusions.py``; that is intermittent, so it is not asserted here."""
+    calls = iter(range(NUM_CALLS))
+    wrong_call = 17
+
+    def wrong_once(values):
+        return values + (1.5 if next(calls) == wrong_call else 0.0)
+
+    errors = _worst_errors(corrupt=wrong_once)
+    assert np.flatnonzero(errors >= 1e-2).tolist() == [wrong_call]
