@@ -40,6 +40,7 @@ __all__ = [
     "COLLAPSE_RUN",
     "MIN_FINAL_ESS",
     "MAX_LOG_EVIDENCE_SD",
+    "WARN_LOG_EVIDENCE_SD",
 ]
 
 
@@ -218,6 +219,10 @@ MIN_FINAL_ESS = 10.0
 #: Between-chain standard deviation of the log-evidence (nats) above which the estimate is
 #: called noisy.
 MAX_LOG_EVIDENCE_SD = 1.0
+#: Between-chain standard deviation of the log-evidence (nats) above which a run warns: the
+#: chains then disagree so much that at least one of them is far from the posterior, even when
+#: every chain's weights look healthy (as with a proposal that cannot reach a sharp likelihood).
+WARN_LOG_EVIDENCE_SD = 5.0
 
 
 def collapse_level(num_particles: int) -> float:
@@ -320,6 +325,37 @@ def collapse_of_result(result, num_particles: int, method: str) -> WeightCollaps
     """:func:`weight_collapse` of a :class:`diffprior.Sampler` run's results (an SMC method)."""
     ess = np.asarray(result["per_step"]["ess"]).T  # stored (step, chain)
     return weight_collapse(ess, _ess_of_log_weights(result["log_weights"]), num_particles, method)
+
+
+def evidence_disagreement(log_evidence: ArrayLike, method: str) -> str:
+    """The run-time warning's sentence when the chains' finite log-evidences spread by more
+    than :data:`WARN_LOG_EVIDENCE_SD` nats (standard deviation), ``""`` otherwise or with one
+    chain.
+
+    Examples
+    --------
+    >>> from diffprior.diagnostics import evidence_disagreement
+    >>> evidence_disagreement([-143.3, -192.3], "TDS")[:45]
+    'TDS: the chains disagree: their log-evidences'
+    >>> evidence_disagreement([-7.31, -7.28], "TDS")
+    ''
+    """
+    values = np.asarray(log_evidence, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size < 2:
+        return ""
+    sd = float(np.std(values, ddof=1))
+    if sd <= WARN_LOG_EVIDENCE_SD:
+        return ""
+    shown = ", ".join(f"{v:.1f}" for v in values[:8]) + (", ..." if values.size > 8 else "")
+    return (
+        f"{method}: the chains disagree: their log-evidences ({shown}) "
+        f"spread by {sd:.1f} nats (sd > {WARN_LOG_EVIDENCE_SD}), though no chain's weights "
+        "collapsed. The particles did not reach the likelihood's region in at least one chain, "
+        "so the draws and the evidence are not reliable. Use more particles or steps, or a "
+        "proposal that uses the observation fully (for a linear model with Gaussian noise: "
+        "proposal='subspace', or dp.MCGdiff); dp.smc_health and dp.plot_smc show the details"
+    )
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:

@@ -48,7 +48,7 @@ VARIANCE_INFLATIONS = (None, "pigdm", "jacobian")
 TDS_PROPOSALS = ("auto", "guided", "subspace")
 #: :class:`FK`'s proposals: the kernel's (:data:`diffprior.kernels.fk.PROPOSALS`) and TDS's
 #: ``"subspace"``.
-FK_PROPOSALS = (*fk.PROPOSALS, "subspace")
+FK_PROPOSALS = ("auto", *fk.PROPOSALS, "subspace")
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
@@ -360,15 +360,19 @@ class FK(Method):
     only; the same kernel, so the same samples for the same key): the posterior with the
     model's own likelihood, so it needs the ``"difference"`` potential, ``lam=1``, no
     ``reward``, ``resample_every=1``, ``scale=1``, ``variance_inflation="jacobian"`` and
-    ``eta > 0``, and refuses anything else.
+    ``eta > 0``, and refuses anything else. ``proposal="auto"`` (the default) takes it where
+    those options and the model allow, as :class:`TDS` does, and the guided proposal
+    elsewhere: on near-noiseless linear Gaussian data (sigma_y = 1e-4 on a d = 8 mixture, 4 x
+    64 particles, 20 steps) the guided proposal's log-evidence was off by thousands of nats,
+    with a collapse warning, and the subspace proposal's by 0.1-1.1 nats.
 
     Parameters
     ----------
     potential
         ``"difference"``, ``"max"`` or ``"sum"``.
     proposal
-        ``"guided"`` (TDS's guided proposal), ``"prior"``, or ``"subspace"`` (TDS's subspace
-        proposal, linear Gaussian models only; see below).
+        ``"auto"`` (default, see above), ``"guided"`` (TDS's guided proposal), ``"prior"``, or
+        ``"subspace"`` (TDS's subspace proposal, linear Gaussian models only).
     lam
         :math:`\lambda`: the target is :math:`p(x) \exp(\lambda r(x))`; 1 with the default
         reward is the posterior.
@@ -390,7 +394,7 @@ class FK(Method):
         model: Callable,
         *,
         potential: str = "difference",
-        proposal: str = "guided",
+        proposal: str = "auto",
         lam: float = 1.0,
         reward: Callable | None = None,
         ess_threshold: float = 0.5,
@@ -427,18 +431,18 @@ class FK(Method):
             variance_inflation=variance_inflation,
             eta=_check_eta(eta),
         )
-        _check_subspace_options(self.name, proposal, self._options)
+        self._subspace_ok = _check_subspace_options(self.name, proposal, self._options)
+        self._subspace = proposal == "subspace"
 
     def resampling_fn(self) -> Callable:
         return smc.resampling_fn(self._options["resampling"])
 
     def check(self, obs: ObservationModel) -> None:
-        if self._options["proposal"] == "subspace":
-            _require_subspace_model(self.name, obs, "Use proposal='guided' for other models.")
+        self._subspace = _use_subspace(self.name, self._options["proposal"], obs, self._subspace_ok)
 
     def build(self, prior, obs, timesteps):
         opts = self._options
-        if opts["proposal"] == "subspace":
+        if self._subspace:
             return _subspace_kernel(prior, obs, timesteps, opts)
         if opts["reward"] is None:
             reward_fn = likelihood_twist(prior, obs, opts["variance_inflation"])
@@ -453,7 +457,7 @@ class FK(Method):
             reward_fn,
             timesteps,
             potential=opts["potential"],
-            proposal=opts["proposal"],
+            proposal="guided" if opts["proposal"] == "auto" else opts["proposal"],
             lam=opts["lam"],
             eta=opts["eta"],
             scale=opts["scale"],

@@ -380,11 +380,15 @@ class Sampler(ParticleResults):
                 stacklevel=2,
             )
         if self.method.is_smc:
-            from diffprior.diagnostics import collapse_of_result
+            from diffprior.diagnostics import collapse_of_result, evidence_disagreement
 
             collapse = collapse_of_result(result, self.num_particles, self.method.name)
             if collapse.message:
                 warnings.warn(collapse.message, RuntimeWarning, stacklevel=2)
+            else:
+                disagreement = evidence_disagreement(result["log_evidence"], self.method.name)
+                if disagreement:
+                    warnings.warn(disagreement, RuntimeWarning, stacklevel=2)
 
     @property
     def sample_dims(self):

@@ -134,7 +134,7 @@ import jax.numpy as jnp
 from blackjax.base import SamplingAlgorithm
 
 from diffprior.diffusion.denoiser import Denoiser
-from diffprior.diffusion.transitions import guided_x0
+from diffprior.diffusion.transitions import guided_x0, transition_x0_coefficient
 from diffprior.kernels import base, smc
 from diffprior.kernels.guidance import TwistFn, guided_log_ratio, potential_and_grad
 from diffprior.types import Array, ArrayLike, PRNGKey
@@ -287,11 +287,15 @@ def guided_proposal(
         t, s = timesteps[k], timesteps[k + 1]
         grad, x0_hat = particles.extra
         prior_step = step_fn(particles.x, x0_hat, t, s, eta)
-        guided_step = step_fn(particles.x, guided_x0(schedule, x0_hat, scale * grad, t), t, s, eta)
         # the variance depends on t and s only
         variance = prior_step.variance[0]
+        # the mean is affine in x0_hat: the guided step shifts it by the coefficient of x0_hat
+        # times the guided change of x0_hat, as in TDS's kernel
+        per_grad = transition_x0_coefficient(schedule, t, s, eta) * guided_x0(
+            schedule, 0.0, scale, t
+        )
         # a deterministic step cannot be guided: follow the prior, as TDS does
-        shift = jnp.where(variance > 0, guided_step.mean - prior_step.mean, 0.0)
+        shift = jnp.where(variance > 0, per_grad * grad, 0.0)
         return Move(prior_step.mean, variance, shift)
 
     def sample(rng_key, parents, move, k):

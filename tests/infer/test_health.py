@@ -7,6 +7,7 @@ import re
 import warnings
 
 import arviz_base
+import jax
 import numpy as np
 import pytest
 
@@ -129,6 +130,41 @@ def test_collapsed_run_warns_naming_chains_and_what_to_try(mixture_run):
     assert health.verdict == "collapsed" and not health.healthy
     assert health.message == message
     np.testing.assert_array_less(health.num_distinct[low], mixture_run.num_particles // 4)
+
+
+class _DisagreeingTDS(dp.TDS):
+    """TDS whose chains' log-evidences are pushed apart by noise at every step, the weights
+    and particles left as they are: what a run looks like when some chains miss the
+    likelihood's region without their weights collapsing."""
+
+    def build(self, prior, obs, timesteps):
+        algorithm = super().build(prior, obs, timesteps)
+
+        def step(rng_key, state):
+            state, info = algorithm.step(rng_key, state)
+            jitter = 10.0 * jax.random.normal(jax.random.fold_in(rng_key, 7))
+            return state._replace(log_evidence=state.log_evidence + jitter), info
+
+        return algorithm._replace(step=step)
+
+
+def test_chains_whose_evidences_disagree_warn_without_a_collapse(mixture_run):
+    problem = mixture_run.problem
+    sampler = dp.Sampler(
+        _DisagreeingTDS(problem.model),
+        num_particles=128,
+        num_steps=30,
+        num_chains=4,
+        progress_bar=False,
+    )
+    with pytest.warns(RuntimeWarning, match="the chains disagree") as record:
+        sampler.run(jax.random.key(0), *problem.model_args, **problem.model_kwargs)
+    assert not any("particle weights collapsed" in str(w.message) for w in record)
+    message = next(str(w.message) for w in record if "disagree" in str(w.message))
+    log_evidence = np.asarray(sampler.log_evidence)
+    assert f"spread by {np.std(log_evidence, ddof=1):.1f} nats" in message
+    assert "proposal='subspace'" in message and "dp.smc_health" in message
+    assert dp.smc_health(sampler).verdict == "noisy evidence"
 
 
 def test_draws_of_a_collapsed_run_are_not_stored_side_by_side(mixture_run):

@@ -316,7 +316,7 @@ def unknown_gain(obs_dim):
 def _kernel(name, model):
     if name == "ParticleGibbs":
         return dp.ParticleGibbs(model, num_particles=64, num_steps=50)
-    return dp.PMMH(model, "tds", num_particles=128, num_steps=50)
+    return dp.PMMH(model, "tds", num_particles=128, num_steps=30)
 
 
 @pytest.mark.slow
@@ -331,8 +331,8 @@ def _kernel(name, model):
     ids=["noise-ParticleGibbs", "gain-ParticleGibbs", "noise-PMMH", "gain-PMMH"],
 )
 def test_theta_and_x_match_the_exact_posterior(problem, obs_dim, kernel):
-    """4 chains x 300 draws (d = 8, 64 particles for particle Gibbs and 128 for PMMH, 50
-    steps): theta's Kolmogorov distance to the quadrature CDF is within what its effective
+    """4 chains x 250 draws (d = 8, 64 particles and 50 steps for particle Gibbs, 128 and 30
+    for PMMH): theta's Kolmogorov distance to the quadrature CDF is within what its effective
     sample size allows (sqrt(ESS) D below 1.8, the 99.7% point of Kolmogorov's distribution),
     every coordinate of E[x | y] is within 4 Monte Carlo standard errors of the exact mixture
     over theta, and split R-hat is below 1.1. PMMH runs with 4 observations, where the
@@ -342,8 +342,8 @@ def test_theta_and_x_match_the_exact_posterior(problem, obs_dim, kernel):
     problem = problem(obs_dim)
     mcmc = numpyro.infer.MCMC(
         _kernel(kernel, problem.model),
-        num_warmup=200,
-        num_samples=300,
+        num_warmup=150,
+        num_samples=250,
         num_chains=4,
         chain_method="vectorized",
         progress_bar=False,
@@ -371,7 +371,7 @@ def test_marginal_moves_keep_theta_exact_with_a_noisy_evidence(proposal):
     """ParticleGibbs's marginal moves (three per iteration, the theta kernel a short HMC) with
     16 particles and 30 steps, where one guided sweep's evidence is noisy, so the acceptance
     ratio's current estimate must be the conditional sweep's (an unconditional one biases
-    theta): 4 chains x 300 draws of sigma (d = 8, 16 observations) within Monte Carlo error of
+    theta): 4 chains x 200 draws of sigma (d = 8, 16 observations) within Monte Carlo error of
     the quadrature CDF (sqrt(ESS) D below 1.8), every coordinate of E[x | y] within 4 Monte
     Carlo standard errors, the moves accepted at a useful rate; with either proposal (the
     subspace one's evidence, with the change of variables to y, enters the same ratio)."""
@@ -387,8 +387,8 @@ def test_marginal_moves_keep_theta_exact_with_a_noisy_evidence(proposal):
     )
     mcmc = numpyro.infer.MCMC(
         kernel,
-        num_warmup=100,
-        num_samples=300,
+        num_warmup=75,
+        num_samples=200,
         num_chains=4,
         chain_method="vectorized",
         progress_bar=False,
@@ -446,14 +446,14 @@ def _student_t_problem():
 
 @pytest.mark.slow
 def test_student_t_degrees_of_freedom_match_quadrature():
-    """Particle Gibbs (NUTS on nu given x, conditional TDS on x given nu; 64 particles, 30
-    steps, 4 chains x 300 draws): nu's Kolmogorov distance to the quadrature CDF is within its
+    """Particle Gibbs (NUTS on nu given x, conditional TDS on x given nu; 64 particles, 20
+    steps, 4 chains x 250 draws): nu's Kolmogorov distance to the quadrature CDF is within its
     Monte Carlo error and E[x | y] is within 4 standard errors of the 2-d quadrature."""
     model, A, y, nu_grid, weights, x_weights, points = _student_t_problem()
     mcmc = numpyro.infer.MCMC(
-        dp.ParticleGibbs(model, num_particles=64, num_steps=30),
-        num_warmup=200,
-        num_samples=300,
+        dp.ParticleGibbs(model, num_particles=64, num_steps=20),
+        num_warmup=150,
+        num_samples=250,
         num_chains=4,
         chain_method="vectorized",
         progress_bar=False,

@@ -47,7 +47,7 @@ A = jnp.array([[1.0, 0.3], [-0.4, 1.1], [0.8, -0.7], [0.2, 0.9], [-1.0, -0.2], [
 SIGMA_PRIOR = dist.LogNormal(-0.7, 0.4)
 
 #: replicates; particles and diffusion steps of each SMC sweep
-NUM_REPLICATES, NUM_PARTICLES, NUM_STEPS = 300, 16, 10
+NUM_REPLICATES, NUM_PARTICLES, NUM_STEPS = 200, 16, 10
 #: warmup iterations, then NUM_DRAWS draws ranked per replicate, one every THIN iterations
 NUM_WARMUP, NUM_DRAWS, THIN = 100, 15, 20
 #: the rank histogram of each quantity must not be rejected at this level; with 2 kernels x 3
@@ -136,7 +136,7 @@ def _rank_p_values(run, noise_factor, seed=0):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["PMMH", "ParticleGibbs"])
 def test_theta_ranks_are_uniform(name):
-    """300 replicates, each one chain of 100 warmup and 300 iterations (16 particles x 10
+    """200 replicates, each one chain of 100 warmup and 300 iterations (16 particles x 10
     steps per sweep, d = 2, 6 observations, sigma ~ LogNormal(-0.7, 0.4)): the ranks of
     log sigma, x1 and x2 among 15 draws (one every 20 iterations, past the chains'
     autocorrelation) pass a chi-square test of uniformity (p > 1e-3 each), and the same check
