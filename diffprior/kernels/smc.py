@@ -421,11 +421,13 @@ def step(
     state = (particles, carried)
     if ess_threshold <= 0.0:
         parents, parents_carried = state  # never resamples: every particle is its own parent
-    elif ess_threshold >= 1.0 and resample_allowed is None:
+    elif (ess_threshold >= 1.0 and resample_allowed is None) or axis_name is None:
+        # the ancestors are the identity when the step keeps its particles, so one gather is
+        # right either way; on one device it is cheaper than the branch below, which under
+        # vmap over chains (the Sampler's chains) computes the gather and a select
         parents, parents_carried = gather(state, decision.ancestors, axis_name)
     else:
-        # a step that keeps its particles skips the gather (over devices, an all-gather); under
-        # vmap over chains the two branches become one select
+        # over devices a gather is an all-gather: a step that keeps its particles skips it
         parents, parents_carried = jax.lax.cond(
             decision.resampled,
             lambda: gather(state, decision.ancestors, axis_name),

@@ -103,17 +103,25 @@ def test_bad_options_rejected(options, error, match):
         dp.FK(problem.model, **options)
 
 
-def test_subspace_proposal_is_tds_subspace():
+def test_subspace_proposal_is_tds_subspace_and_auto_picks_it():
     """FK(proposal="subspace") is TDS's subspace proposal, MCGdiff's kernel: the same samples
-    and evidence for the same key."""
+    and evidence for the same key. The default, "auto", takes it on this linear Gaussian model
+    with the posterior's options, and the guided proposal with the "max" potential."""
     problem = dp.problems.mixture_problem(jax.random.key(0), 4, 2)
     args, kwargs = problem.model_args, problem.model_kwargs
-    fk = _sampler(dp.FK(problem.model, proposal="subspace"), 64, 8, 1)
-    tds = _sampler(dp.TDS(problem.model, proposal="subspace"), 64, 8, 1)
-    fk.run(jax.random.key(3), *args, **kwargs)
-    tds.run(jax.random.key(3), *args, **kwargs)
-    np.testing.assert_array_equal(tds.get_samples()["x"], fk.get_samples()["x"])
-    np.testing.assert_array_equal(tds.log_evidence, fk.log_evidence)
+
+    def run(method):
+        sampler = _sampler(method, 64, 8, 1)
+        sampler.run(jax.random.key(3), *args, **kwargs)
+        return sampler
+
+    tds = run(dp.TDS(problem.model, proposal="subspace"))
+    for fk in (run(dp.FK(problem.model, proposal="subspace")), run(dp.FK(problem.model))):
+        np.testing.assert_array_equal(tds.get_samples()["x"], fk.get_samples()["x"])
+        np.testing.assert_array_equal(tds.log_evidence, fk.log_evidence)
+    auto_max = run(dp.FK(problem.model, potential="max"))
+    guided_max = run(dp.FK(problem.model, potential="max", proposal="guided"))
+    np.testing.assert_array_equal(auto_max.get_samples()["x"], guided_max.get_samples()["x"])
 
 
 @pytest.mark.parametrize(
