@@ -1024,8 +1024,14 @@ class ParticleGibbs(_HierarchicalKernel):
         (a gain; a noise level with more dimensions than observations) and does not where
         they are not (2.4 times fewer effective draws per second), hence off by default: turn
         it on (1 or 2) when :math:`\theta`'s effective sample size or R-hat says the chain
-        is stuck. (Those measurements were with the guided sweep; with the subspace one the
-        moves are what make a noise level right that ``x`` can absorb, see ``proposal``.)
+        is stuck. (Those measurements were with the guided sweep.) With the subspace sweep
+        (4 chains x 500 draws, 64 particles, 30 steps), one move per iteration gave 1.3 to
+        9 times more effective draws per second on three of the four problems and 0.6 times
+        on the fourth, and without moves the noise level at d = 80 did not mix (ESS 9,
+        R-hat 1.285; with one move 325 and 1.010). The moves need a precise evidence: on the
+        shipped digits network (32 particles, 20 steps, a noise level of 0.1 on all 64
+        pixels) they were accepted 1% of the time and the noise level did not mix with or
+        without them (ESS 5-6 of 400-700 draws per chain), so the default stays 0.
     marginal_step_size
         Initial random-walk scale of the marginal moves on the unconstrained theta (divided by
         the square root of its dimension, as :class:`PMMH`'s ``step_size``).
