@@ -1,9 +1,10 @@
 """Calibrate the shipped digits prior: measure, on its training images, how far the network's
 ``x0_hat`` can be trusted at each noise level (``diffprior.calibrate``), and store the result
 in ``diffprior/pretrained/digits.json``, so that ``diffprior.pretrained.load("digits")`` comes
-calibrated.
+calibrated; ``--name digits-latent`` does the same for the latent prior, in its latent space
+(the training images go through its encoder).
 
-    python examples/calibrate_digits.py
+    python examples/calibrate_digits.py [--name digits|digits-latent]
 
 The shipped calibration came from exactly this command (24 times, 2 noise draws per training
 image, seed 0). It must be rerun after ``examples/train_digits.py`` retrains the network.
@@ -24,7 +25,12 @@ from diffprior.io import write_json
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", default="digits", help="shipped pixel-space prior")
+    parser.add_argument(
+        "--name",
+        default="digits",
+        help="shipped prior: digits, or digits-latent (calibrated in its latent space on the "
+        "encoded training images)",
+    )
     parser.add_argument("--num-times", type=int, default=24)
     parser.add_argument("--num-noise", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -45,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = pretrained.metadata(args.name)
     meta["calibration"] = calibration.to_dict()
     meta["calibration"]["command"] = (
-        f"python examples/calibrate_digits.py --num-times {args.num_times} "
+        f"python examples/calibrate_digits.py --name {args.name} --num-times {args.num_times} "
         f"--num-noise {args.num_noise} --seed {args.seed}"
     )
     write_json(path, meta)

@@ -4,6 +4,7 @@ samplers (which must stay exact whatever the calibration), the shipped digits ca
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import jax
@@ -77,11 +78,37 @@ def test_round_trip_and_errors(gaussian):
         dp.calibrate(prior, data, num_times=0)
     with pytest.warns(UserWarning, match="scale the network was trained on"):
         dp.calibrate(prior, 16.0 * data[:50], num_times=2)
-    with pytest.raises(TypeError, match="pixel-space"):
-        dp.calibrate(dp.pretrained.load("digits-latent"), np.zeros((4, 8, 8)))
 
 
-def test_shipped_digits_prior_is_calibrated():
+def test_latent_prior_is_calibrated_in_its_latent_space():
+    """Images go through the encoder; latents give the same calibration; other shapes, and
+    images for a latent prior without an encoder, are refused naming both shapes."""
+    prior = dp.pretrained.load("digits-latent", calibrated=False)
+    train, _ = dp.pretrained.load_digits_split()
+    images = jnp.asarray(train[:200])
+    from_images = dp.calibrate(prior, images, num_times=4).calibration
+    latents = jax.vmap(prior.encode)(images)
+    from_latents = dp.calibrate(prior, latents, num_times=4).calibration
+    assert from_images.residual_variance.shape == (4, *prior.latent_shape)
+    np.testing.assert_allclose(
+        from_images.residual_variance, from_latents.residual_variance, rtol=1e-5
+    )
+    np.testing.assert_allclose(from_images.mean, latents.mean(axis=0), atol=1e-5)
+    shapes = re.escape("(n, *(16,)) (or images of shape (n, *(8, 8)))")
+    with pytest.raises(ValueError, match=shapes):
+        dp.calibrate(prior, np.zeros((4, 5)))
+    no_encoder = dp.LatentDiffusionPrior(
+        prior.denoiser, prior.decoder, prior.event_shape, prior.latent_shape
+    )
+    with pytest.raises(ValueError, match="no encoder"):
+        dp.calibrate(no_encoder, images)
+
+
+def test_shipped_digits_priors_are_calibrated():
+    latent = dp.pretrained.load("digits-latent")
+    assert latent.calibration is not None
+    assert latent.calibration.residual_variance.shape[1:] == tuple(latent.latent_shape)
+    assert dp.pretrained.load("digits-latent", calibrated=False).calibration is None
     prior = dp.pretrained.load("digits")
     cal = prior.calibration
     assert cal is not None and cal.residual_variance.shape[1:] == (8, 8)

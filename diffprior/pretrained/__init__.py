@@ -159,9 +159,10 @@ def load(name: str, *, calibrated: bool = True, **prior_options: Any) -> Diffusi
     ``prior_options`` (``num_steps``, ``eta``, ``spacing``, ...) override them.
 
     A prior whose metadata holds a calibration (:func:`diffprior.calibrate` on its training
-    data; ``python examples/calibrate_digits.py`` writes the digits prior's) comes with it as
-    ``prior.calibration``, which TDS, FK and MCGdiff use to judge how far to trust the
-    network's :math:`\hat x_0` at each noise level; ``calibrated=False`` leaves it out.
+    data; ``python examples/calibrate_digits.py [--name digits-latent]`` writes the shipped
+    priors', the latent one's in its latent space) comes with it as ``prior.calibration``,
+    which TDS, FK and MCGdiff use to judge how far to trust the network's :math:`\hat x_0` at
+    each noise level; ``calibrated=False`` leaves it out.
 
     Raises
     ------
@@ -177,7 +178,7 @@ def load(name: str, *, calibrated: bool = True, **prior_options: Any) -> Diffusi
     options.update(prior_options)
     event_shape = tuple(meta["event_shape"])
     if autoencoder is not None:
-        return LatentDiffusionPrior(
+        prior = LatentDiffusionPrior(
             denoiser,
             autoencoder.decode,
             event_shape,
@@ -185,7 +186,8 @@ def load(name: str, *, calibrated: bool = True, **prior_options: Any) -> Diffusi
             encoder=autoencoder.encode,
             **options,
         )
-    prior = DiffusionPrior(denoiser, event_shape=event_shape, **options)
+    else:
+        prior = DiffusionPrior(denoiser, event_shape=event_shape, **options)
     if calibrated and "calibration" in meta:
         from diffprior.calibration import Calibration
 
