@@ -178,7 +178,7 @@ def calibrate(
     data = jnp.asarray(data, jnp.float32)
     event_shape, latent_shape = tuple(prior.event_shape), tuple(prior.latent_shape)
     shape = tuple(data.shape[1:])
-    if latent_shape != event_shape and shape == event_shape and shape != latent_shape:
+    if shape == event_shape != latent_shape:
         # a latent prior's data given as images: its encoder maps them to the diffused variable
         if getattr(prior, "encoder", None) is None:
             raise ValueError(

@@ -421,7 +421,7 @@ def step(
     state = (particles, carried)
     if ess_threshold <= 0.0:
         parents, parents_carried = state  # never resamples: every particle is its own parent
-    elif (ess_threshold >= 1.0 and resample_allowed is None) or axis_name is None:
+    elif axis_name is None or (ess_threshold >= 1.0 and resample_allowed is None):
         # the ancestors are the identity when the step keeps its particles, so one gather is
         # right either way; on one device it is cheaper than the branch below, which under
         # vmap over chains (the Sampler's chains) computes the gather and a select

@@ -139,12 +139,19 @@ def test_linear_gaussian_structure_is_judged_through_the_decoder():
 # -- the Sampler on a latent prior ---------------------------------------------------------------
 
 
-def test_tds_on_a_linear_decoder_matches_the_exact_posterior():
+@pytest.mark.parametrize("calibrated", [False, True], ids=["uncalibrated", "calibrated"])
+def test_tds_on_a_linear_decoder_matches_the_exact_posterior(calibrated):
     """With x = M z and z from a Gaussian mixture, p(z | y) is the mixture's exact posterior for
     the operator A M; TDS (asymptotically exact) on z, decoded, must match E[x | y] = M E[z | y]
     within Monte Carlo error (4 standard errors with an effective size of a quarter of the
-    draws), and the prior mean is far outside that band."""
-    model = make_model(latent_prior())
+    draws), and the prior mean is far outside that band; also with the prior calibrated in its
+    latent space (dp.calibrate on its own latent draws), which changes the twists only."""
+    prior = latent_prior()
+    if calibrated:
+        latents = LATENT_GMM.sample(jax.random.key(5), (2000,))
+        prior = dp.calibrate(prior, latents, num_times=8)
+        assert prior.calibration.residual_variance.shape == (8, *prior.latent_shape)
+    model = make_model(prior)
     sampler = dp.Sampler(dp.TDS(model), 512, 40, num_chains=2, progress_bar=False)
     sampler.run(jax.random.key(0), y=Y)
     x = np.asarray(sampler.get_samples()["x"])
