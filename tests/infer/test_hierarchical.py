@@ -114,6 +114,8 @@ def test_options_are_checked_early():
         dp.PMMH(sigma_model_2d, "dps", num_particles=8, num_steps=4)
     with pytest.raises(ValueError, match="method must be an SMC method"):
         dp.PMMH(sigma_model_2d, dp.DPS, num_particles=8, num_steps=4)
+    with pytest.raises(TypeError, match="adapt_covariance must be True or False"):
+        dp.PMMH(sigma_model_2d, num_particles=8, num_steps=4, adapt_covariance="dense")
     with pytest.raises(ValueError, match="num_particles must be >= 2"):
         dp.ParticleGibbs(sigma_model_2d, num_particles=1, num_steps=4)
     with pytest.raises(ValueError, match="num_steps must be an integer >= 1"):
@@ -363,6 +365,95 @@ def test_theta_and_x_match_the_exact_posterior(problem, obs_dim, kernel):
         error = (x[..., i].mean() - problem.x_mean[i]) / np.sqrt(problem.x_var[i] / ess_i)
         assert abs(error) < 4, f"E[x_{i} | y] off by {error:.1f} standard errors"
     assert float(np.max(np.asarray(split_gelman_rubin(x)))) < 1.1
+
+
+# -- PMMH's covariance adaptation ---------------------------------------------------------------
+CORRELATED_GAINS = jnp.array([[1.0, 1.0], [1.0, 1.3]])
+CORRELATED_Y = jnp.array([2.0, 3.0])
+
+
+def correlated_model(y=None):
+    """y = x + M (a, b) + 0.5 eps with x ~ N(0, I_2): given y, a and b are Gaussian with
+    correlation -0.93 (M is near singular)."""
+    a = numpyro.sample("a", dist.Normal(0.0, 3.0))
+    b = numpyro.sample("b", dist.Normal(0.0, 3.0))
+    x = numpyro.sample("x", dp.GaussianMixture(jnp.zeros((1, 2)), jnp.ones(1)))
+    theta = jnp.stack([a, b])
+    numpyro.sample("y", dist.Normal(x + CORRELATED_GAINS @ theta, 0.5).to_event(1), obs=y)
+
+
+def _correlated_posterior():
+    """Exact mean and covariance of (a, b) given y: y ~ N(M theta, (1 + 0.5^2) I)."""
+    precision = jnp.eye(2) / 9.0 + CORRELATED_GAINS.T @ CORRELATED_GAINS / 1.25
+    covariance = np.linalg.inv(np.asarray(precision))
+    return covariance @ np.asarray(CORRELATED_GAINS.T @ CORRELATED_Y) / 1.25, covariance
+
+
+@pytest.mark.slow
+def test_pmmh_learns_the_posterior_covariance_of_correlated_hyperparameters():
+    """Two strongly correlated hyperparameters, with MCGdiff's evidence (exact for this
+    Gaussian prior): after 300 warmup iterations the walk's shape has the exact posterior's
+    correlation and its ratio of scales; 4 chains x 400 draws then match the exact mean within
+    4 Monte Carlo standard errors and mix (R-hat below 1.05, ESS above 200). Without the
+    adaptation the same chains keep the identity and mix worse (the shape is what moved)."""
+    mean, covariance = _correlated_posterior()
+    correlation = covariance[0, 1] / np.sqrt(covariance[0, 0] * covariance[1, 1])
+
+    def run(adapt):
+        kernel = dp.PMMH(
+            correlated_model, "mcgdiff", num_particles=16, num_steps=10, adapt_covariance=adapt
+        )
+        mcmc = numpyro.infer.MCMC(
+            kernel,
+            num_warmup=300,
+            num_samples=400,
+            num_chains=4,
+            chain_method="vectorized",
+            progress_bar=False,
+        )
+        mcmc.run(jax.random.key(3), y=CORRELATED_Y)
+        samples = mcmc.get_samples(group_by_chain=True)
+        theta = np.stack([samples["a"], samples["b"]], axis=-1)
+        return mcmc.last_state, theta
+
+    state, theta = run(True)
+    for tril in np.asarray(state.scale_tril):
+        shape = tril @ tril.T
+        learned = shape[0, 1] / np.sqrt(shape[0, 0] * shape[1, 1])
+        assert abs(learned - correlation) < 0.05, (
+            f"correlation {learned:.2f}, exact {correlation:.2f}"
+        )
+        ratio = shape[0, 0] / shape[1, 1] / (covariance[0, 0] / covariance[1, 1])
+        assert 0.7 < ratio < 1.4, f"variance ratio off by {ratio:.2f}"
+    ess = np.asarray(effective_sample_size(theta))
+    assert np.all(ess > 200), f"ESS {ess}"
+    assert float(np.max(np.asarray(split_gelman_rubin(theta)))) < 1.05
+    error = (theta.reshape(-1, 2).mean(axis=0) - mean) / np.sqrt(np.diag(covariance) / ess)
+    assert np.all(np.abs(error) < 4), f"posterior mean off by {error} standard errors"
+
+    plain_state, plain_theta = run(False)
+    np.testing.assert_array_equal(
+        np.asarray(plain_state.scale_tril), np.broadcast_to(np.eye(2), (4, 2, 2))
+    )
+    assert np.min(np.asarray(effective_sample_size(plain_theta))) < 0.7 * np.min(ess)
+
+
+def test_pmmh_adapts_its_covariance_only_in_long_enough_warmups():
+    """Stan's slow windows lie inside warmup, in order; a warmup under 20 iterations has none
+    (one window would be all of it), and then the walk keeps the identity."""
+    from diffprior.infer.hierarchical import _covariance_windows
+
+    assert _covariance_windows(19) == []
+    for num_warmup in (20, 150, 1000):
+        windows = _covariance_windows(num_warmup)
+        assert windows and windows[0][0] > 0 and windows[-1][1] < num_warmup - 1
+        assert all(
+            end + 1 == start for (_, end), (start, _) in zip(windows[:-1], windows[1:], strict=True)
+        )
+    kernel = dp.PMMH(correlated_model, "mcgdiff", num_particles=8, num_steps=4)
+    mcmc = numpyro.infer.MCMC(kernel, num_warmup=15, num_samples=5, progress_bar=False)
+    mcmc.run(jax.random.key(0), y=CORRELATED_Y)
+    np.testing.assert_array_equal(np.asarray(mcmc.last_state.scale_tril), np.eye(2))
 
 
 @pytest.mark.slow
