@@ -393,20 +393,20 @@ def _correlated_posterior():
 def test_pmmh_learns_the_posterior_covariance_of_correlated_hyperparameters():
     """Two strongly correlated hyperparameters, with MCGdiff's evidence (exact for this
     Gaussian prior): after 300 warmup iterations the walk's shape has the exact posterior's
-    correlation and its ratio of scales; 4 chains x 400 draws then match the exact mean within
-    4 Monte Carlo standard errors and mix (R-hat below 1.05, ESS above 200). Without the
+    correlation and its ratio of scales; 4 chains x 300 draws then match the exact mean within
+    4 Monte Carlo standard errors and mix (R-hat below 1.05, ESS above 150). Without the
     adaptation the same chains keep the identity and mix worse (the shape is what moved)."""
     mean, covariance = _correlated_posterior()
     correlation = covariance[0, 1] / np.sqrt(covariance[0, 0] * covariance[1, 1])
 
     def run(adapt):
         kernel = dp.PMMH(
-            correlated_model, "mcgdiff", num_particles=16, num_steps=10, adapt_covariance=adapt
+            correlated_model, "mcgdiff", num_particles=16, num_steps=5, adapt_covariance=adapt
         )
         mcmc = numpyro.infer.MCMC(
             kernel,
             num_warmup=300,
-            num_samples=400,
+            num_samples=300,
             num_chains=4,
             chain_method="vectorized",
             progress_bar=False,
@@ -426,7 +426,7 @@ def test_pmmh_learns_the_posterior_covariance_of_correlated_hyperparameters():
         ratio = shape[0, 0] / shape[1, 1] / (covariance[0, 0] / covariance[1, 1])
         assert 0.7 < ratio < 1.4, f"variance ratio off by {ratio:.2f}"
     ess = np.asarray(effective_sample_size(theta))
-    assert np.all(ess > 200), f"ESS {ess}"
+    assert np.all(ess > 150), f"ESS {ess}"
     assert float(np.max(np.asarray(split_gelman_rubin(theta)))) < 1.05
     error = (theta.reshape(-1, 2).mean(axis=0) - mean) / np.sqrt(np.diag(covariance) / ess)
     assert np.all(np.abs(error) < 4), f"posterior mean off by {error} standard errors"

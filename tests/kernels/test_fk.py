@@ -11,6 +11,9 @@ from shared_setup import run_whole_and_split
 
 import diffprior as dp
 from diffprior.diagnostics import sliced_wasserstein
+from diffprior.kernels.fk import FKState
+from diffprior.kernels.mcgdiff import MCGdiffState
+from diffprior.model import read_model
 
 
 def _sampler(method, num_particles=256, num_steps=50, num_chains=2):
@@ -104,9 +107,10 @@ def test_bad_options_rejected(options, error, match):
 
 
 def test_subspace_proposal_is_tds_subspace_and_auto_picks_it():
-    """FK(proposal="subspace") is TDS's subspace proposal, MCGdiff's kernel: the same samples
-    and evidence for the same key. The default, "auto", takes it on this linear Gaussian model
-    with the posterior's options, and the guided proposal with the "max" potential."""
+    """FK's default, "auto", is TDS's subspace proposal (MCGdiff's kernel) on this linear
+    Gaussian model with the posterior's options: the same samples and evidence for the same
+    key. FK(proposal="subspace") builds that kernel too, and with the "max" potential "auto"
+    builds the guided one."""
     problem = dp.problems.mixture_problem(jax.random.key(0), 4, 2)
     args, kwargs = problem.model_args, problem.model_kwargs
 
@@ -115,13 +119,21 @@ def test_subspace_proposal_is_tds_subspace_and_auto_picks_it():
         sampler.run(jax.random.key(3), *args, **kwargs)
         return sampler
 
-    tds = run(dp.TDS(problem.model, proposal="subspace"))
-    for fk in (run(dp.FK(problem.model, proposal="subspace")), run(dp.FK(problem.model))):
-        np.testing.assert_array_equal(tds.get_samples()["x"], fk.get_samples()["x"])
-        np.testing.assert_array_equal(tds.log_evidence, fk.log_evidence)
-    auto_max = run(dp.FK(problem.model, potential="max"))
-    guided_max = run(dp.FK(problem.model, potential="max", proposal="guided"))
-    np.testing.assert_array_equal(auto_max.get_samples()["x"], guided_max.get_samples()["x"])
+    tds, fk = run(dp.TDS(problem.model, proposal="subspace")), run(dp.FK(problem.model))
+    np.testing.assert_array_equal(tds.get_samples()["x"], fk.get_samples()["x"])
+    np.testing.assert_array_equal(tds.log_evidence, fk.log_evidence)
+
+    def built_state(**options):
+        obs = read_model(problem.model, args, kwargs)
+        method = dp.FK(problem.model, **options)
+        method.check(obs)
+        algorithm = method.build(obs.prior, obs, problem.prior.timesteps(4))
+        return algorithm.init(problem.prior.sample_reference(jax.random.key(0), (4,)))
+
+    assert isinstance(built_state(), MCGdiffState)
+    assert isinstance(built_state(proposal="subspace"), MCGdiffState)
+    assert isinstance(built_state(potential="max"), FKState)
+    assert isinstance(built_state(potential="max", proposal="guided"), FKState)
 
 
 @pytest.mark.parametrize(
