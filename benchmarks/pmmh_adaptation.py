@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +33,10 @@ from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 import diffprior as dp
 from diffprior.io import write_text
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hierarchical import grid_mixture  # noqa: E402  (benchmarks/ is not a package)
+
 OBS_DIM = 16
-
-
-def grid_mixture(dim: int) -> dp.GaussianMixture:
-    means = np.zeros((4, dim), np.float32)
-    means[:, 0] = [-2.0, 2.0, -2.0, 2.0]
-    means[:, 1] = [-2.0, -2.0, 2.0, 2.0]
-    weights = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
-    scales = np.array([0.5, 0.7, 0.6, 0.8], np.float32)
-    return dp.GaussianMixture(means, weights, scales)
 
 
 def make_problem(dim: int, seed: int = 0) -> dict:
