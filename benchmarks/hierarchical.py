@@ -121,7 +121,9 @@ def kolmogorov_distance(draws: np.ndarray, grid: np.ndarray, cdf: np.ndarray) ->
     )
 
 
-def run(kernel, problem: dict, args) -> dict:
+def timed_mcmc(kernel, args, *model_args, **model_kwargs):
+    """NumPyro's MCMC of ``kernel`` with the script's sizes, run twice (seeds 1 and 2, the first
+    compiling): ``(mcmc, [first seconds, second seconds])``, the second run's draws kept."""
     mcmc = numpyro.infer.MCMC(
         kernel,
         num_warmup=args.num_warmup,
@@ -131,12 +133,17 @@ def run(kernel, problem: dict, args) -> dict:
         progress_bar=False,
     )
     times = []
-    extra_fields = ("marginal_accept_prob",) if isinstance(kernel, dp.ParticleGibbs) else ()
     for seed in (1, 2):
         start = time.perf_counter()
-        mcmc.run(jax.random.key(seed), problem["A"], y=problem["y"], extra_fields=extra_fields)
+        mcmc.run(jax.random.key(seed), *model_args, **model_kwargs)
         jax.block_until_ready(mcmc.get_samples())
         times.append(time.perf_counter() - start)
+    return mcmc, times
+
+
+def run(kernel, problem: dict, args) -> dict:
+    extra_fields = ("marginal_accept_prob",) if isinstance(kernel, dp.ParticleGibbs) else ()
+    mcmc, times = timed_mcmc(kernel, args, problem["A"], y=problem["y"], extra_fields=extra_fields)
     samples = mcmc.get_samples(group_by_chain=True)
     theta = np.asarray(samples[problem["name"]])
     ess = float(effective_sample_size(theta))

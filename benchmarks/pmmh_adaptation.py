@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -34,7 +33,7 @@ import diffprior as dp
 from diffprior.io import write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hierarchical import grid_mixture  # noqa: E402  (benchmarks/ is not a package)
+from hierarchical import grid_mixture, timed_mcmc  # noqa: E402  (benchmarks/ is not a package)
 
 OBS_DIM = 16
 
@@ -78,20 +77,7 @@ def make_problem(dim: int, seed: int = 0) -> dict:
 
 
 def run(kernel, problem: dict, args) -> dict:
-    mcmc = numpyro.infer.MCMC(
-        kernel,
-        num_warmup=args.num_warmup,
-        num_samples=args.num_samples,
-        num_chains=args.num_chains,
-        chain_method="vectorized",
-        progress_bar=False,
-    )
-    times = []
-    for seed in (1, 2):
-        start = time.perf_counter()
-        mcmc.run(jax.random.key(seed), y=problem["y"])
-        jax.block_until_ready(mcmc.get_samples())
-        times.append(time.perf_counter() - start)
+    mcmc, times = timed_mcmc(kernel, args, y=problem["y"])
     samples = mcmc.get_samples(group_by_chain=True)
     theta = np.stack([np.asarray(samples["a"]), np.asarray(samples["b"])], axis=-1)
     ess = np.asarray(effective_sample_size(theta))
