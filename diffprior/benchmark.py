@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -259,12 +259,17 @@ def digits_rows(
     num_steps: int = 100,
     sigma_y: float = 0.1,
     progress: Callable[[dict], None] | None = None,
+    skip: Collection[tuple[str, str, int]] = (),
 ) -> list[dict]:
     """One dict per (method, task, test digit): posterior-mean ``psnr`` (dB, pixel range 2),
     ``coverage`` of the true pixels by the 90% pixel-wise credible interval,
     ``mean_std`` and ``seconds`` of a compiled run. Half-image inpainting (left half observed)
     or 2x downsampling of held-out digits, Gaussian noise ``sigma_y`` drawn with the digit's
-    index as seed; one compiled program per method and task."""
+    index as seed; one compiled program per method and task. The runs named in ``skip``
+    (``(method, task, digit)``, e.g. those of an interrupted table) are left out; a method and
+    task with nothing left to run is not compiled. Each row also records the settings
+    (``num_particles``, ``num_steps``, ``sigma_y``), so that saved rows can be checked before
+    they are reused."""
     from diffprior import operators, pretrained
 
     unknown = [m for m in methods if m not in DIGIT_METHODS]
@@ -277,11 +282,14 @@ def digits_rows(
         "inpaint": operators.Inpaint(operators.half_mask((8, 8), side="left")),
         "superres": operators.Downsample(2, (8, 8)),
     }
+    skip = set(skip)
     samplers = {}
     for method in methods:
         make_method, prior_name = DIGIT_METHODS[method]
         prior = pretrained.load(prior_name)
         for task in tasks:
+            if all((method, task, digit) in skip for digit in range(num_digits)):
+                continue
 
             def model(y=None, A=forward[task], prior=prior):
                 x = numpyro.sample("x", prior)
@@ -291,7 +299,7 @@ def digits_rows(
                 make_method(model), num_particles, num_steps, progress_bar=False
             )
     # digits outermost, so that a partial table compares every method on the same digits
-    rows = []
+    rows, compiled = [], {}
     for digit in range(num_digits):
         truth = np.asarray(test[digit])
         for task in tasks:
@@ -299,9 +307,12 @@ def digits_rows(
             noise = np.random.default_rng(digit).normal(size=clean.shape)
             y = jax.numpy.asarray(clean + sigma_y * noise, dtype=np.float32)
             for method in methods:
+                if (method, task, digit) in skip:
+                    continue
                 sampler = samplers[method, task]
-                if digit == 0:  # compile once per method and task
+                if not compiled.get((method, task)):  # compile once per method and task
                     sampler.run(jax.random.key(10_000), y=y)
+                    compiled[method, task] = True
                 start = time.perf_counter()
                 sampler.run(jax.random.key(digit), y=y)
                 seconds = time.perf_counter() - start
@@ -317,6 +328,9 @@ def digits_rows(
                     "mean_std": float(samples.std(axis=0).mean()),
                     "finite": bool(np.all(np.isfinite(samples))),
                     "seconds": seconds,
+                    "num_particles": num_particles,
+                    "num_steps": num_steps,
+                    "sigma_y": sigma_y,
                 }
                 rows.append(row)
                 if progress is not None:

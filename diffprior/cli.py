@@ -8,6 +8,8 @@ not implement yet say so on stderr and return :data:`EXIT_NOT_AVAILABLE`.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -460,9 +462,34 @@ def add_benchmark_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         "--out",
         type=Path,
         default=Path("benchmarks/results/digits.md"),
-        help="markdown table to write atomically (default: benchmarks/results/digits.md)",
+        help="markdown table to write atomically (default: benchmarks/results/digits.md); "
+        "each run's row is also appended to OUT with the suffix .rows.jsonl",
+    )
+    digits.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in OUT's .rows.jsonl (same settings) and run only the "
+        "missing ones, so that a long table can be built over several sittings; without it "
+        "the rows file starts afresh",
     )
     return parser
+
+
+def _load_rows(path: Path) -> list[dict]:
+    """The rows of a ``.rows.jsonl`` file; a last line cut short by an interrupted write is
+    dropped (its run is simply done again)."""
+    rows = []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON row") from None
+    return rows
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -522,6 +549,43 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             print("diffprior benchmark: --num-digits must be <= 297", file=sys.stderr)
             return 2
         total = len(args.methods) * len(args.tasks) * args.num_digits
+        rows_path = args.out.with_name(args.out.stem + ".rows.jsonl")
+        settings = {"num_particles": args.num_particles, "num_steps": args.num_steps}
+        settings["sigma_y"] = 0.1
+        if args.resume and rows_path.exists():
+            try:
+                saved = _load_rows(rows_path)
+            except ValueError as error:
+                print(f"diffprior benchmark: {error}", file=sys.stderr)
+                return 2
+            # rewritten without a torn last line, so that new rows start on a line of their own
+            write_text(rows_path, "".join(json.dumps(r) + "\n" for r in saved))
+            other = [r for r in saved if any(r.get(k) != v for k, v in settings.items())]
+            if other:
+                found = {k: other[0].get(k) for k in settings}
+                print(
+                    f"diffprior benchmark: {rows_path} holds rows made with {found}, not "
+                    f"{settings}; run with those settings, or without --resume to start afresh",
+                    file=sys.stderr,
+                )
+                return 2
+            saved = [
+                r
+                for r in saved
+                if r["method"] in args.methods
+                and r["task"] in args.tasks
+                and r["digit"] < args.num_digits
+            ]
+        else:
+            saved = []
+            rows_path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(rows_path, "")
+
+        def record(row):
+            with open(rows_path, "a") as file:
+                file.write(json.dumps(row) + "\n")
+                file.flush()
+                os.fsync(file.fileno())
 
         def table(rows):
             return benchmark.digits_table(
@@ -532,19 +596,22 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             )
 
         def run(progress):
-            return benchmark.digits_rows(
+            return saved + benchmark.digits_rows(
                 args.methods,
                 args.tasks,
                 num_digits=args.num_digits,
                 num_particles=args.num_particles,
                 num_steps=args.num_steps,
                 progress=progress,
+                skip={(r["method"], r["task"], r["digit"]) for r in saved},
             )
 
         def describe(row):
             return f"{row['method']} {row['task']} PSNR {row['psnr']:.1f}"
 
-    done: list[dict] = []
+    if args.problem == "gmm":
+        saved, record = [], None
+    done: list[dict] = list(saved)
 
     def text_of(rows):
         text = table(rows)
@@ -552,10 +619,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             text += f"\n(partial: {len(rows)} of {total} runs so far)\n"
         return text
 
-    with tqdm(total=total, desc=f"benchmark {args.problem}", file=sys.stderr) as bar:
+    with tqdm(
+        total=total, initial=len(saved), desc=f"benchmark {args.problem}", file=sys.stderr
+    ) as bar:
 
         def progress(row):
             done.append(row)
+            if record is not None:
+                record(row)
             # the table so far, so that an interrupted run loses nothing
             write_text(args.out, text_of(done))
             bar.set_postfix_str(describe(row))

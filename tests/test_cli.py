@@ -1,5 +1,6 @@
 """The ``diffprior`` command: help, version, sub-command registration and exit statuses."""
 
+import json
 import os
 import subprocess
 import sys
@@ -72,6 +73,22 @@ def test_benchmark_digits_writes_the_table(capsys, tmp_path):
     psnr = float(cells[4].split("±")[0])
     assert 0 < psnr < 60
     assert cells[7] == "0"  # no NaN runs
+    rows_file = tmp_path / "digits.rows.jsonl"
+    assert [json.loads(line)["digit"] for line in rows_file.read_text().splitlines()] == [0, 1]
+
+    # resuming runs only what is missing (the third digit); a torn last line is dropped
+    rows_file.write_text(rows_file.read_text() + '{"method": "mcg')
+    argv[argv.index("--num-digits") + 1] = "3"
+    assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
+    lines = rows_file.read_text().splitlines()
+    assert [json.loads(line)["digit"] for line in lines] == [0, 1, 2]
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| superres"))
+    assert row.split("|")[3].strip() == "3"
+
+    # rows made with other settings are not mixed in
+    argv[argv.index("--num-steps") + 1] = "5"
+    assert cli.main([*argv, "--out", str(out), "--resume"]) == 2
+    assert "holds rows made with" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
