@@ -248,6 +248,8 @@ DIGIT_METHODS: dict[str, tuple[Callable, str]] = {
 #: request).
 DIGIT_DEFAULT_METHODS = ("tds", "dps", "pigdm", "diffpir", "mcgdiff", "resample")
 DIGIT_TASKS = ("inpaint", "superres")
+#: The Gaussian noise level of the digits benchmark's observations.
+DIGIT_SIGMA_Y = 0.1
 
 
 def digits_rows(
@@ -257,7 +259,7 @@ def digits_rows(
     num_digits: int = 297,
     num_particles: int = 256,
     num_steps: int = 100,
-    sigma_y: float = 0.1,
+    sigma_y: float = DIGIT_SIGMA_Y,
     progress: Callable[[dict], None] | None = None,
     skip: Collection[tuple[str, str, int]] = (),
 ) -> list[dict]:
@@ -370,7 +372,7 @@ def digits_table(rows: list[dict], *, command: str, num_particles: int, num_step
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
         f"devices {[d.platform for d in jax.devices()]}, float32.",
         f"Held-out test digits (the last 297 of scikit-learn's digits, never trained on), "
-        f"sigma_y = 0.1 Gaussian noise, {num_particles} particles, {num_steps} steps, one chain; "
+        f"sigma_y = {DIGIT_SIGMA_Y} Gaussian noise, {num_particles} particles, {num_steps} steps, one chain; "
         "mean ± standard error over digits. ReSample runs on the latent prior (digits-latent), "
         "the others on the pixel prior (digits).",
         "",

@@ -550,8 +550,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             return 2
         total = len(args.methods) * len(args.tasks) * args.num_digits
         rows_path = args.out.with_name(args.out.stem + ".rows.jsonl")
-        settings = {"num_particles": args.num_particles, "num_steps": args.num_steps}
-        settings["sigma_y"] = 0.1
+        settings = {
+            "num_particles": args.num_particles,
+            "num_steps": args.num_steps,
+            "sigma_y": benchmark.DIGIT_SIGMA_Y,
+        }
         if args.resume and rows_path.exists():
             try:
                 saved = _load_rows(rows_path)
