@@ -377,4 +377,9 @@ def digits_table(rows: list[dict], *, command: str, num_particles: int, num_step
         "the others on the pixel prior (digits).",
         "",
     ]
+    if {"tds", "mcgdiff"} <= {row["method"] for row in rows}:
+        header[-1:-1] = [
+            "TDS's default proposal on these linear Gaussian models is MCGdiff's twisted step "
+            "(docs/methods/tds.md) and both draw from the same keys, so their rows agree.",
+        ]
     return "\n".join(header + lines) + "\n"
