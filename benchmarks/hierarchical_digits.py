@@ -40,6 +40,26 @@ import diffprior as dp
 SIGMAS = (0.1, 0.2, 0.3)
 
 
+def observation(test: np.ndarray, i: int) -> tuple[float, np.ndarray, jax.Array]:
+    """``(true sigma, noisy image, run key)`` of test digit ``i``: sigma cycles through
+    ``SIGMAS``, the noise is drawn from the digit's own key."""
+    sigma_true = SIGMAS[i % len(SIGMAS)]
+    key_noise, key_run = jax.random.split(jax.random.key(i))
+    y = test[i] + sigma_true * np.asarray(jax.random.normal(key_noise, test[i].shape))
+    return sigma_true, y, key_run
+
+
+def make_model(prior):
+    """The model: sigma ~ HalfNormal(0.5), x from ``prior``, y ~ Normal(x, sigma)."""
+
+    def model(y=None):
+        sigma = numpyro.sample("sigma", dist.HalfNormal(0.5))
+        x = numpyro.sample("x", prior)
+        numpyro.sample("y", dist.Normal(x, sigma).to_event(2), obs=y)
+
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sampler", choices=("pg", "pmmh"), default="pg")
@@ -62,11 +82,7 @@ def main() -> None:
     prior = dp.pretrained.load("digits")
     _, test = dp.pretrained.load_digits_split()
 
-    def model(y=None):
-        sigma = numpyro.sample("sigma", dist.HalfNormal(0.5))
-        x = numpyro.sample("x", prior)
-        numpyro.sample("y", dist.Normal(x, sigma).to_event(2), obs=y)
-
+    model = make_model(prior)
     kernel = dp.ParticleGibbs if args.sampler == "pg" else dp.PMMH
     options = {"marginal_moves": args.marginal_moves} if args.sampler == "pg" else {}
     mcmc = numpyro.infer.MCMC(
@@ -79,10 +95,7 @@ def main() -> None:
     )
     rows, inside = [], 0
     for i in range(args.first_digit, args.first_digit + args.num_digits):
-        truth = test[i]
-        sigma_true = SIGMAS[i % len(SIGMAS)]
-        key_noise, key_run = jax.random.split(jax.random.key(i))
-        y = truth + sigma_true * np.asarray(jax.random.normal(key_noise, truth.shape))
+        sigma_true, y, key_run = observation(test, i)
         start = time.perf_counter()
         extra = {"pmmh": ("accept_prob",), "pg": ("marginal_accept_prob",)}[args.sampler]
         mcmc.run(

@@ -13,6 +13,7 @@ from diffprior.calibration import calibrate
 from diffprior.diagnostics import plot_smc, smc_health, to_arviz
 from diffprior.diffusion import Denoiser
 from diffprior.infer import DPS, FK, TDS, DiffPIR, MCGdiff, PiGDM, ReSample, Sampler, Unguided
+from diffprior.infer.grid import EvidenceGrid, GridPosterior
 from diffprior.infer.hierarchical import PMMH, ParticleGibbs
 from diffprior.priors import DiffusionPrior, GaussianMixture, LatentDiffusionPrior
 
@@ -41,6 +42,8 @@ __all__ = [
     "ReSample",
     "ParticleGibbs",
     "PMMH",
+    "EvidenceGrid",
+    "GridPosterior",
     "Denoiser",
     "DiffusionPrior",
     "LatentDiffusionPrior",

@@ -4,10 +4,14 @@ in ``diffprior/pretrained/digits.json``, so that ``diffprior.pretrained.load("di
 calibrated; ``--name digits-latent`` does the same for the latent prior, in its latent space
 (the training images go through its encoder).
 
-    python examples/calibrate_digits.py [--name digits|digits-latent]
+    python examples/calibrate_digits.py [--name digits|digits-latent] [--inflation C]
 
 The shipped calibration came from exactly this command (24 times, 2 noise draws per training
-image, seed 0). It must be rerun after ``examples/train_digits.py`` retrains the network.
+image, seed 0; the command is stored with it). ``--inflation`` widens the twists' spread by
+``C`` (``diffprior.calibrate``); the pixel prior's value was chosen on training digits with
+``benchmarks/digits_smc.py --split train --inflation C``
+(``benchmarks/results/twist_inflation.md``). It must be rerun after
+``examples/train_digits.py`` retrains the network.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-noise", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--inflation", type=float, default=1.0, help="the twists' spread factor, >= 1"
+    )
+    parser.add_argument(
         "--out-dir",
         default=os.path.dirname(os.path.abspath(pretrained.__file__)),
         help="where NAME.json is (default: the diffprior.pretrained package)",
@@ -44,7 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     train, _ = pretrained.load_digits_split()
     start = time.perf_counter()
     calibration = dp.calibrate(
-        prior, train, num_times=args.num_times, num_noise=args.num_noise, rng_key=args.seed
+        prior,
+        train,
+        num_times=args.num_times,
+        num_noise=args.num_noise,
+        rng_key=args.seed,
+        inflation=args.inflation,
     ).calibration
     seconds = time.perf_counter() - start
     path = os.path.join(args.out_dir, f"{args.name}.json")
@@ -52,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     meta["calibration"] = calibration.to_dict()
     meta["calibration"]["command"] = (
         f"python examples/calibrate_digits.py --name {args.name} --num-times {args.num_times} "
-        f"--num-noise {args.num_noise} --seed {args.seed}"
+        f"--num-noise {args.num_noise} --seed {args.seed} --inflation {args.inflation:g}"
     )
     write_json(path, meta)
     residual = np.asarray(calibration.residual_variance).reshape(args.num_times, -1).mean(axis=1)

@@ -16,6 +16,7 @@ import pytest
 
 import diffprior as dp
 from diffprior.calibration import Calibration
+from diffprior.infer.methods import _calibrated_variance
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,15 @@ def test_round_trip_and_errors(gaussian):
     back = Calibration.from_dict(cal.to_dict())
     np.testing.assert_allclose(back.residual_variance, cal.residual_variance, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(back.mean, cal.mean, atol=1e-6)
+    assert back.inflation == cal.inflation == 1.0
+    inflated = dp.calibrate(prior, data[:100], num_times=3, inflation=2.5).calibration
+    assert Calibration.from_dict(inflated.to_dict()).inflation == 2.5
+    legacy = {k: v for k, v in inflated.to_dict().items() if k != "inflation"}
+    assert Calibration.from_dict(legacy).inflation == 1.0  # metadata written before it existed
+    with pytest.raises(ValueError, match="inflation must be a finite number >= 1, got 0.5"):
+        dp.calibrate(prior, data, inflation=0.5)
+    with pytest.raises(TypeError, match="inflation must be a number"):
+        dp.calibrate(prior, data, inflation="2")
     with pytest.raises(ValueError, match="shape"):
         dp.calibrate(prior, data[:, :2])
     with pytest.raises(ValueError, match="NaN"):
@@ -126,8 +136,8 @@ def test_samplers_stay_exact_under_any_calibration(proposal):
     """TDS with its subspace and guided proposals on a d = 8 mixture with linear Gaussian
     observations: the log-evidence against the closed form across 4 chains (tolerance from
     their spread), with a calibration wrong on purpose (x0_hat shrunk by 20% towards the mean,
-    the spread 1.5 times the Gaussian stand-in's): a calibration may change the weights'
-    variance, never the answer."""
+    the spread 1.5 times the Gaussian stand-in's, inflated by 2): a calibration may change the
+    weights' variance, never the answer."""
     problem = dp.problems.mixture_problem(jax.random.key(3), 8, 2)
     prior = copy.copy(problem.prior)
     times = jnp.linspace(1.0 / 16, 1.0, 16)
@@ -140,6 +150,7 @@ def test_samplers_stay_exact_under_any_calibration(proposal):
         jnp.full((16,), 0.8),
         jnp.asarray(prior.mean),
         1,
+        2.0,  # and inflated twice more: the twists use three times the Gaussian spread
     )
     problem = problem._replace(prior=prior)
     sampler = dp.Sampler(dp.TDS(problem.model, proposal=proposal), 512, 40, 4, progress_bar=False)
@@ -173,3 +184,45 @@ def test_calibrated_twist_follows_the_shrunk_estimate():
     # and at t = 0 it is the likelihood itself
     x = jnp.array([0.3, -0.2])
     assert float(twist(x, 0.0)) == pytest.approx(float(obs.log_likelihood(x)), abs=1e-5)
+
+
+def test_inflation_widens_both_twists_by_its_factor():
+    """An inflation c acts as a measured spread c times larger, in the guided twist and in
+    the subspace proposal's per-direction variances, and leaves the last twist the
+    likelihood."""
+    prior = dp.GaussianMixture(jnp.zeros((1, 2)), jnp.ones(1))
+    times = jnp.array([0.5, 1.0])
+    spread = jnp.full((2, 2), 0.1)
+
+    def calibrated(residual, inflation):
+        new = copy.copy(prior)
+        shrink = jnp.array([0.9, 0.5])
+        new.calibration = Calibration(times, residual, shrink, jnp.zeros(2), 1, inflation)
+        return new
+
+    inflated, wide = calibrated(spread, 3.0), calibrated(3.0 * spread, 1.0)
+    plain = calibrated(spread, 1.0)
+    y = jnp.array([1.0, -1.0])
+    x0_hat = jnp.array([0.3, 0.2])
+    values = {}
+    for name, p in {"inflated": inflated, "wide": wide, "plain": plain}.items():
+
+        def model(y=None, p=p):
+            x = numpyro.sample("x", p)
+            numpyro.sample("y", dist.Normal(x, 0.1).to_event(1), obs=y)
+
+        obs = dp.model.read_model(model, kwargs={"y": y})
+        twist = dp.infer.twists.likelihood_twist(p, obs, "jacobian")
+        svd = obs.linear_gaussian()
+        grid = jnp.array([0.75, 0.25, 0.0])
+        data_variance = jnp.ones(svd.dim)
+        values[name] = (
+            float(twist(x0_hat, 0.75)),
+            float(twist(x0_hat, 0.0)),
+            np.asarray(_calibrated_variance(p, svd, grid, data_variance)),
+        )
+    assert values["inflated"][0] == pytest.approx(values["wide"][0], abs=1e-5)
+    assert values["inflated"][0] != pytest.approx(values["plain"][0], abs=1e-2)
+    assert values["inflated"][1] == pytest.approx(values["plain"][1], abs=1e-6)
+    np.testing.assert_allclose(values["inflated"][2], values["wide"][2], rtol=1e-5)
+    assert np.all(values["inflated"][2][:2] > values["plain"][2][:2])

@@ -743,27 +743,7 @@ class PMMH(_HierarchicalKernel):
         )
 
     def _smc(self, key, hm: HierarchicalModel, theta, times) -> tuple[Array, dict]:
-        """One SMC run given theta: ``(log p^(y | theta), draws)`` with ``draws`` the prior
-        site's ``x``, one particle drawn by its final weight, and the missing entries of any
-        ``obs_mask=`` site drawn given ``(x, theta)``."""
-        prior = hm.prior
-        obs = hm.observation_model(theta).in_latent_space()
-        algorithm = self.method.build(prior, obs, times)
-        key_init, key_run, key_draw = jax.random.split(key, 3)
-        if hm.missing:
-            key_draw, key_missing = jax.random.split(key_draw)
-        state = algorithm.init(prior.sample_reference(key_init, (self.num_particles,)))
-
-        def body(state, key):
-            return algorithm.step(key, state)[0], None
-
-        state, _ = jax.lax.scan(body, state, jax.random.split(key_run, self.num_steps))
-        index = jax.random.categorical(key_draw, state.log_weights)
-        x = prior.decode(state.particles[index])
-        draws = {hm.prior_site: x}
-        if hm.missing:
-            draws.update(hm.sample_unobserved(key_missing, x, theta))
-        return _finite_or(state.log_evidence, -jnp.inf), draws
+        return smc_given_theta(key, self.method, hm, theta, times, self.num_particles)
 
     def _init_chain(self, rng_key, init_params, hm, model_args, model_kwargs):
         times = self._timesteps(hm)
@@ -907,6 +887,39 @@ class PMMH(_HierarchicalKernel):
 
 #: Accepted moves a slow window needs before PMMH takes its draws' covariance as the walk's shape.
 MIN_WINDOW_ACCEPTS = 5
+
+
+def smc_given_theta(
+    key: Array,
+    method: Method,
+    hm: HierarchicalModel,
+    theta: Mapping[str, Array],
+    times: Array,
+    num_particles: int,
+) -> tuple[Array, dict]:
+    """One SMC run of ``method`` (TDS or MCGdiff) on ``x`` given ``theta`` over the grid
+    ``times``: ``(log p^(y | theta), draws)`` with ``draws`` the prior site's ``x``, one
+    particle drawn by its final weight, and the missing entries of any ``obs_mask=`` site
+    drawn given ``(x, theta)``; ``-inf`` for a non-finite evidence. Pure JAX (jit-, vmap-able
+    in ``key`` and ``theta``)."""
+    prior = hm.prior
+    obs = hm.observation_model(theta).in_latent_space()
+    algorithm = method.build(prior, obs, times)
+    key_init, key_run, key_draw = jax.random.split(key, 3)
+    if hm.missing:
+        key_draw, key_missing = jax.random.split(key_draw)
+    state = algorithm.init(prior.sample_reference(key_init, (num_particles,)))
+
+    def body(state, key):
+        return algorithm.step(key, state)[0], None
+
+    state, _ = jax.lax.scan(body, state, jax.random.split(key_run, times.shape[0] - 1))
+    index = jax.random.categorical(key_draw, state.log_weights)
+    x = prior.decode(state.particles[index])
+    draws = {hm.prior_site: x}
+    if hm.missing:
+        draws.update(hm.sample_unobserved(key_missing, x, theta))
+    return _finite_or(state.log_evidence, -jnp.inf), draws
 
 
 def _covariance_windows(num_warmup: int) -> list[tuple[int, int]]:

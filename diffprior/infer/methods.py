@@ -962,17 +962,19 @@ def _calibrated_variance(
     prior: DiffusionPrior, svd: WhitenedSVD, timesteps: Array, data_variance: Array
 ) -> Array:
     r"""``(K + 1, r)``: at each grid time, the data variance along each direction whose Tweedie
-    spread :math:`v \sigma_t^2 / (lpha_t^2 v + \sigma_t^2)` is the calibrated
-    :math:`r_t^2` (:func:`diffprior.calibrate`), so that MCGdiff's potentials and twist use
-    the measured spread of :math:`\hat x_0` instead of that of Gaussian data. Where the
-    measured spread is at or above the trivial one (:math:`\sigma_t^2 / lpha_t^2`, the
-    network no better than :math:`x_t / lpha_t`) it is capped at ten times the prior's."""
+    spread :math:`v \sigma_t^2 / (\alpha_t^2 v + \sigma_t^2)` is the calibrated
+    :math:`r_t^2` (:func:`diffprior.calibrate`, times its inflation), so that MCGdiff's
+    potentials and twist use the measured spread of :math:`\hat x_0` instead of that of
+    Gaussian data. Where the measured spread is at or above the trivial one
+    (:math:`\sigma_t^2 / \alpha_t^2`, the network no better than :math:`x_t / \alpha_t`) it
+    is capped at ten times the prior's."""
     schedule = prior.schedule
     event_shape = tuple(prior.latent_shape)
     cap = 10.0 * jnp.maximum(data_variance, jnp.finfo(jnp.float32).tiny)
 
     def at(t):
-        r2 = _variance_along(svd, jnp.reshape(prior.calibration.variance_at(t), event_shape))
+        r2 = prior.calibration.twist_variance_at(t)
+        r2 = _variance_along(svd, jnp.reshape(r2, event_shape))
         alpha2, sigma2 = schedule.alpha(t) ** 2, schedule.sigma(t) ** 2
         room = sigma2 - alpha2 * r2
         v = jnp.where(room > 0, r2 * sigma2 / jnp.where(room > 0, room, 1.0), cap)

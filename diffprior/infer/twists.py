@@ -551,7 +551,7 @@ def likelihood_twist(
 
     def r2_at(t):
         if calibration is not None:  # the spread measured on data (diffprior.calibrate)
-            return jnp.where(t > 0, calibration.mean_variance_at(t), 0.0)
+            return jnp.where(t > 0, jnp.mean(calibration.twist_variance_at(t)), 0.0)
         return jnp.where(t > 0, tweedie_variance(schedule, t, data_variance), 0.0)
 
     def centre(x0_hat, t):

@@ -10,6 +10,7 @@ checked against them with tolerances from their effective sample sizes.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import arviz as az
 import jax
@@ -568,3 +569,73 @@ def test_student_t_degrees_of_freedom_match_quadrature():
         ess_i = float(effective_sample_size(x[..., i]))
         error = (x[..., i].mean() - x_mean[i]) / np.sqrt(x_var[i] / ess_i)
         assert abs(error) < 4, f"E[x_{i} | y] off by {error:.1f} standard errors"
+
+
+# -- EvidenceGrid: one scalar theta by quadrature over the SMC evidence -------------------------
+def _exact_quantiles(problem, probs):
+    return np.interp(probs, np.cumsum(problem.weights), problem.grid)
+
+
+@pytest.mark.slow
+def test_evidence_grid_matches_the_exact_posterior():
+    """Unknown noise (a) at d = 8 with 16 observations: the grid posterior's CDF at the exact
+    5%, 10%, ..., 95% quantiles is within 0.04 of them, its draws of x average to E[x | y]
+    within their Monte Carlo error, and a second run with new data reuses the program."""
+    problem = unknown_noise(16)
+    lo, hi = _exact_quantiles(problem, [0.001, 0.999])
+    values = np.geomspace(lo / 1.2, hi * 1.2, 20)
+    grid = dp.EvidenceGrid(problem.model, num_particles=256, num_steps=30, num_runs=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a grid that covers the posterior, a precise evidence
+        result = grid.run(jax.random.key(0), values, problem.A, y=problem.y)
+    probs = np.linspace(0.05, 0.95, 19)
+    distance = np.max(np.abs(result.cdf(_exact_quantiles(problem, probs)) - probs))
+    assert distance < 0.04, distance
+    smoothed = np.max(np.abs(result.cdf(_exact_quantiles(problem, probs), smooth=4) - probs))
+    assert smoothed < 0.04, smoothed
+    assert float(np.max(result.log_evidence_sd)) < 1.0
+    draws = result.sample(jax.random.key(1), 4000)
+    assert draws["sigma"].shape == (4000,) and draws["x"].shape == (4000, DIM)
+    # 80 runs' draws behind the 4000: their standard error, from the exact variance
+    se = np.sqrt(problem.x_var / 80)
+    assert np.all(np.abs(draws["x"].mean(axis=0) - problem.x_mean) < 4 * se + 0.05)
+    compilations = grid._compiled._cached._cache_size()
+    grid.run(jax.random.key(2), values, problem.A, y=problem.y + 0.1)
+    assert grid._compiled._cached._cache_size() == compilations
+
+
+def test_evidence_grid_warns_and_refuses():
+    problem = unknown_noise(4)
+    grid = dp.EvidenceGrid(problem.model, num_particles=16, num_steps=5, num_runs=2)
+    key = jax.random.key(0)
+    with pytest.warns(UserWarning, match="mass in the first and last grid interval"):
+        grid.run(key, [0.9, 1.0, 1.1], problem.A, y=problem.y)  # far narrower than p(sigma | y)
+    with pytest.raises(ValueError, match="outside the support of 'sigma'"):
+        grid.run(key, [-0.5, 0.5, 1.0], problem.A, y=problem.y)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        grid.run(key, [0.5, 0.4, 1.0], problem.A, y=problem.y)
+    with pytest.raises(ValueError, match="at least 3 values"):
+        grid.run(key, [0.5, 1.0], problem.A, y=problem.y)
+    with pytest.raises(ValueError, match="num_runs"):
+        dp.EvidenceGrid(problem.model, num_particles=16, num_steps=5, num_runs=1)
+
+    def two_sites(A, y=None):
+        sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+        gain = numpyro.sample("gain", dist.LogNormal(0.0, 0.5))
+        x = numpyro.sample("x", PRIOR_8D)
+        numpyro.sample("y", dist.Normal(gain * A @ x, sigma).to_event(1), obs=y)
+
+    with pytest.raises(ModelError, match=r"exactly one latent site.*\['sigma', 'gain'\]"):
+        dp.EvidenceGrid(two_sites, num_particles=16, num_steps=5).run(
+            key, [0.5, 1.0, 2.0], problem.A, y=problem.y
+        )
+
+    def vector_site(A, y=None):
+        sigma = numpyro.sample("sigma", dist.HalfNormal(jnp.ones(4)).to_event(1))
+        x = numpyro.sample("x", PRIOR_8D)
+        numpyro.sample("y", dist.Normal(A @ x, sigma).to_event(1), obs=y)
+
+    with pytest.raises(ModelError, match=r"scalar hyperparameter; 'sigma' has shape \(4,\)"):
+        dp.EvidenceGrid(vector_site, num_particles=16, num_steps=5).run(
+            key, [0.5, 1.0, 2.0], problem.A, y=problem.y
+        )
