@@ -70,6 +70,8 @@ class GridPosterior(NamedTuple):
     draws
         ``{site: (G, R), x: (G, R, *event_shape), ...}``: one draw of each latent site per run
         (``x`` by the run's final weights).
+    transform
+        NumPyro's transform from the unconstrained coordinate to the site's support.
     """
 
     site: str
@@ -79,6 +81,7 @@ class GridPosterior(NamedTuple):
     unconstrained: np.ndarray
     log_abs_det_jacobian: np.ndarray
     draws: dict
+    transform: Any
 
     @property
     def log_marginal_likelihood(self) -> np.ndarray:
@@ -128,12 +131,8 @@ class GridPosterior(NamedTuple):
         return np.interp(u, fine, cumulative)
 
     def quantiles(self, probs: Any = (0.05, 0.5, 0.95), *, smooth: int | None = None):
-        """The posterior quantiles of the hyperparameter at ``probs`` (see :meth:`cdf`).
-
-        Examples
-        --------
-        >>> low, median, high = result.quantiles((0.05, 0.5, 0.95), smooth=4)  # doctest: +SKIP
-        """
+        """The posterior quantiles of the hyperparameter at ``probs`` (see :meth:`cdf`), e.g.
+        ``low, median, high = result.quantiles((0.05, 0.5, 0.95), smooth=4)``."""
         fine, density = self._density_on(smooth)
         cumulative = np.concatenate([[0.0], np.cumsum(0.5 * (density[1:] + density[:-1]))])
         cumulative /= cumulative[-1]
@@ -172,10 +171,12 @@ class GridPosterior(NamedTuple):
         return {name: np.asarray(value)[node, runs] for name, value in self.draws.items()}
 
     def _to_unconstrained(self, theta: np.ndarray) -> np.ndarray:
-        return np.interp(theta, self.values, self.unconstrained)
+        # outside the grid the CDF is 0 or 1: clip before mapping (no NaN off the support)
+        inside = np.clip(theta, self.values[0], self.values[-1])
+        return np.asarray(self.transform.inv(jnp.asarray(inside)), np.float64)
 
     def _to_constrained(self, u: np.ndarray) -> np.ndarray:
-        return np.interp(u, self.unconstrained, self.values)
+        return np.asarray(self.transform(jnp.asarray(u)), np.float64)
 
     def plot(self, ax=None, *, truth: float | None = None, smooth: int | None = None):
         """The posterior density of the hyperparameter (normalised on the grid), each grid
@@ -231,9 +232,10 @@ class EvidenceGrid:
     ...     x = numpyro.sample("x", prior)
     ...     numpyro.sample("y", dist.Normal(x, sigma).to_event(1), obs=y)
     >>> grid = dp.EvidenceGrid(model, num_particles=64, num_steps=20, num_runs=2)
-    >>> result = grid.run(jax.random.key(0), np.geomspace(0.02, 6.0, 16), y=jnp.array([1.5, 0.2]))
+    >>> values = np.geomspace(0.005, 6.0, 20)
+    >>> result = grid.run(jax.random.key(0), values, y=jnp.array([1.5, 0.2]))
     >>> low, median, high = result.quantiles((0.05, 0.5, 0.95))
-    >>> bool(0.05 < low < median < high < 3.0)
+    >>> bool(values[0] < low < median < high < values[-1])
     True
     """
 
@@ -331,6 +333,7 @@ class EvidenceGrid:
             unconstrained,
             log_det,
             draws,
+            transform,
         )
         _warn_if_unreliable(result)
         return result
