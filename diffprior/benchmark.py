@@ -252,6 +252,16 @@ DIGIT_TASKS = ("inpaint", "superres")
 DIGIT_SIGMA_Y = 0.1
 
 
+def digit_calibration_inflation(method: str) -> float | None:
+    """The calibration inflation of the shipped prior that ``method`` runs on in the digits
+    benchmark (``None`` if that prior ships uncalibrated): a saved row counts only for the
+    same calibration, since the twists of TDS and MCGdiff depend on it."""
+    from diffprior import pretrained
+
+    calibration = pretrained.metadata(DIGIT_METHODS[method][1]).get("calibration")
+    return None if calibration is None else float(calibration.get("inflation", 1.0))
+
+
 def digits_rows(
     methods: Sequence[str],
     tasks: Sequence[str] = DIGIT_TASKS,
@@ -270,8 +280,8 @@ def digits_rows(
     index as seed; one compiled program per method and task. The runs named in ``skip``
     (``(method, task, digit)``, e.g. those of an interrupted table) are left out; a method and
     task with nothing left to run is not compiled. Each row also records the settings
-    (``num_particles``, ``num_steps``, ``sigma_y``), so that saved rows can be checked before
-    they are reused."""
+    (``num_particles``, ``num_steps``, ``sigma_y`` and the prior's
+    ``calibration_inflation``), so that saved rows can be checked before they are reused."""
     from diffprior import operators, pretrained
 
     unknown = [m for m in methods if m not in DIGIT_METHODS]
@@ -333,6 +343,7 @@ def digits_rows(
                     "num_particles": num_particles,
                     "num_steps": num_steps,
                     "sigma_y": sigma_y,
+                    "calibration_inflation": digit_calibration_inflation(method),
                 }
                 rows.append(row)
                 if progress is not None:

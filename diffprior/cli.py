@@ -572,6 +572,24 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 2
+            recalibrated = [
+                r
+                for r in saved
+                if r.get("method") in benchmark.DIGIT_METHODS
+                and r.get("calibration_inflation")
+                != benchmark.digit_calibration_inflation(r["method"])
+            ]
+            if recalibrated:
+                row = recalibrated[0]
+                print(
+                    f"diffprior benchmark: {rows_path} holds rows made with another calibration "
+                    f"of the shipped prior (e.g. {row['method']}, digit {row['digit']}: "
+                    f"calibration_inflation {row.get('calibration_inflation')}, now "
+                    f"{benchmark.digit_calibration_inflation(row['method'])}); run without "
+                    "--resume to start afresh",
+                    file=sys.stderr,
+                )
+                return 2
             saved = [
                 r
                 for r in saved

@@ -90,6 +90,16 @@ def test_benchmark_digits_writes_the_table(capsys, tmp_path):
     assert cli.main([*argv, "--out", str(out), "--resume"]) == 2
     assert "holds rows made with" in capsys.readouterr().err
 
+    # nor rows made with another calibration of the prior (rows from before it was recorded)
+    argv[argv.index("--num-steps") + 1] = "4"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert {r["calibration_inflation"] for r in rows} == {3.0}  # the shipped digits prior's
+    for r in rows:
+        del r["calibration_inflation"]
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main([*argv, "--out", str(out), "--resume"]) == 2
+    assert "another calibration of the shipped prior" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize(
     ("argv", "message"),
